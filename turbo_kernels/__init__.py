@@ -1,0 +1,1 @@
+"""Triton kernels (SageSLA attention, quantised linears) with PyTorch reference paths."""

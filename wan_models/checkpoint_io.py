@@ -1,0 +1,134 @@
+"""Reading checkpoint files safely, whatever their container.
+
+Every loader (DiT, VAE, text encoder) reads through `read_state_dict`, so the rules live in one place:
+
+* `.safetensors` (single file, a shard index `*.safetensors.index.json`, or a folder holding either);
+* `.pth` / `.pt` / `.bin` / `.ckpt` pickles, read with `torch.load(weights_only=True)` only. A pickle that
+  needs to execute code is refused, never loaded;
+* a folder (diffusers / transformers layout): its index or its safetensors / bin files.
+
+Errors are `CheckpointError` with a message that names the file and says what to do.
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+
+PICKLE_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
+# Wrappers some training tools put around the state dict.
+NESTED_STATE_KEYS = ("state_dict", "model", "module", "net", "ema")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used, with a message meant for the user."""
+
+
+def read_state_dict(path: str | Path, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """All tensors of a checkpoint file or folder, keyed as stored."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    if path.is_dir():
+        return _read_folder(path, device)
+    name = path.name.lower()
+    if name.endswith(".safetensors.index.json"):
+        return _read_sharded(path, device)
+    if name.endswith(".safetensors") or name.endswith(".sft"):
+        return _read_safetensors(path, device)
+    if name.endswith(PICKLE_SUFFIXES):
+        return _read_pickle(path, device)
+    raise CheckpointError(
+        f"{path.name}: unsupported file type; expected .safetensors, a .safetensors.index.json, "
+        f".pth/.pt/.bin/.ckpt, or a diffusers/transformers folder"
+    )
+
+
+def read_safetensors_metadata(path: str | Path) -> dict[str, str]:
+    """The `__metadata__` header of a safetensors file (empty for other containers)."""
+    path = Path(path)
+    if path.is_dir() or not path.name.lower().endswith((".safetensors", ".sft")):
+        return {}
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return dict(handle.metadata() or {})
+    except Exception as error:  # safetensors raises its own error types
+        raise CheckpointError(f"{path.name}: not a readable safetensors file ({error})") from error
+
+
+def _read_safetensors(path: Path, device: str | torch.device) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path), device=str(device))
+    except Exception as error:
+        raise CheckpointError(
+            f"{path.name}: the safetensors file is truncated or corrupt ({error}); download it again"
+        ) from error
+
+
+def _read_sharded(index_path: Path, device: str | torch.device) -> dict[str, torch.Tensor]:
+    try:
+        weight_map = json.loads(index_path.read_text())["weight_map"]
+    except (json.JSONDecodeError, KeyError, TypeError) as error:
+        raise CheckpointError(f"{index_path.name}: not a valid shard index (no 'weight_map')") from error
+    state: dict[str, torch.Tensor] = {}
+    for shard in sorted(set(weight_map.values())):
+        shard_path = index_path.parent / shard
+        if not shard_path.exists():
+            raise CheckpointError(f"{index_path.name} names the shard {shard}, which is missing")
+        state.update(read_state_dict(shard_path, device))
+    missing = sorted(set(weight_map) - set(state))
+    if missing:
+        raise CheckpointError(
+            f"{index_path.name}: the shards lack {len(missing)} indexed tensors, e.g. {missing[0]}"
+        )
+    return state
+
+
+def _read_folder(folder: Path, device: str | torch.device) -> dict[str, torch.Tensor]:
+    indexes = sorted(folder.glob("*.safetensors.index.json"))
+    if len(indexes) == 1:
+        return _read_sharded(indexes[0], device)
+    files = sorted(folder.glob("*.safetensors")) or sorted(
+        p for p in folder.iterdir() if p.name.lower().endswith(PICKLE_SUFFIXES)
+    )
+    if not files:
+        raise CheckpointError(f"{folder}: the folder holds no .safetensors, shard index or .bin weights")
+    state: dict[str, torch.Tensor] = {}
+    for file in files:
+        state.update(read_state_dict(file, device))
+    return state
+
+
+def _read_pickle(path: Path, device: str | torch.device) -> dict[str, torch.Tensor]:
+    try:
+        loaded = torch.load(str(path), map_location=device, weights_only=True, mmap=True)
+    except pickle.UnpicklingError as error:
+        raise CheckpointError(
+            f"{path.name}: refused to load. The file is a pickle that would run code when opened "
+            f"(only plain tensor checkpoints are accepted, read with torch.load(weights_only=True)). "
+            f"Use a .safetensors version of this model instead. Detail: {str(error).splitlines()[0]}"
+        ) from error
+    except (RuntimeError, EOFError, OSError, ValueError) as error:
+        raise CheckpointError(
+            f"{path.name}: the file is truncated or corrupt and cannot be read ({error}); download it again"
+        ) from error
+    return _unwrap_tensors(loaded, path)
+
+
+def _unwrap_tensors(loaded: object, path: Path) -> dict[str, torch.Tensor]:
+    if isinstance(loaded, Mapping):
+        tensors = {k: v for k, v in loaded.items() if isinstance(v, torch.Tensor)}
+        if tensors:
+            return tensors
+        for key in NESTED_STATE_KEYS:
+            if isinstance(loaded.get(key), Mapping):
+                return _unwrap_tensors(loaded[key], path)
+    raise CheckpointError(f"{path.name}: holds no tensors (expected a state dict of named tensors)")
