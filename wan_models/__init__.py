@@ -1,9 +1,36 @@
 """Wan2.1 / Wan2.2 models for TurboDiffusion: DiT, VAE, umT5 text encoder, loaders and sampling.
 
-Public API (filled in by the modules below as they land): `load_dit`, `load_vae`,
-`load_text_encoder`, `rcm_sample`, `generate_t2v`, `generate_i2v`.
+Public API: `load_dit`, `load_vae`, `load_text_encoder`, `rcm_sample`, `generate_t2v`, `generate_i2v`
+(see the README). Names resolve lazily so that importing one part does not import them all.
 """
+
+from importlib import import_module
 
 from .checkpoint_io import CheckpointError, read_state_dict
 
-__all__ = ["CheckpointError", "read_state_dict"]
+_LAZY = {
+    "WanDiTConfig": ".config",
+    "WAN_PRESETS": ".config",
+    "config_from_state_dict": ".config",
+    "WanDiT": ".dit",
+    "load_dit": ".dit_loader",
+    "detect_dit_layout": ".dit_loader",
+    "WanVAE": ".vae",
+    "load_vae": ".vae_loader",
+    "UMT5TextEncoder": ".text_encoder",
+    "load_text_encoder": ".text_encoder",
+    "make_self_attention": ".attention",
+    "sdpa_attention": ".attention",
+    "rcm_sample": ".sampler",
+    "rcm_time_grid": ".sampler",
+    "generate_t2v": ".pipeline",
+    "generate_i2v": ".pipeline",
+}
+
+__all__ = ["CheckpointError", "read_state_dict", *_LAZY]
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(import_module(_LAZY[name], __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
