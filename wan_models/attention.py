@@ -28,4 +28,5 @@ def make_self_attention(name: str = "sdpa", sla_topk: float = 0.1) -> AttentionF
     """The self-attention function for a backend name."""
     if name == "sdpa":
         return sdpa_attention
-    raise ValueError(f"unknown attention backend {name!r}; choose one of {', '.join(SELF_ATTENTION_BACKENDS)}")
+    choices = ", ".join(SELF_ATTENTION_BACKENDS)
+    raise ValueError(f"unknown attention backend {name!r}; choose one of {choices}")
