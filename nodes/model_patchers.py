@@ -1,0 +1,100 @@
+"""Our models under ComfyUI's memory management.
+
+Every module the loaders create is wrapped in a `TurboPatcher` (a ComfyUI `ModelPatcher`), so ComfyUI moves
+it to the compute device with `load_models_gpu` before use, offloads it when another model needs the memory,
+and unloads it on `POST /free`. The subclass only marks the patcher as ours and names the file it came from,
+so `TD_FreeVRAM` and the `/turbodiffusion/models` route can tell our models from ComfyUI's.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from comfy import model_management as mm
+from comfy.model_patcher import ModelPatcher
+
+from ..wan_models.i2v import module_device
+
+
+class TurboPatcher(ModelPatcher):
+    """A ModelPatcher that knows which file and which kind of model (dit, vae, text_encoder) it holds."""
+
+    def __init__(
+        self, model, load_device, offload_device, size=0, weight_inplace_update=False, label="", kind=""
+    ):
+        super().__init__(model, load_device, offload_device, size, weight_inplace_update)
+        self.label = label
+        self.kind = kind
+
+    def clone(self):
+        copy = super().clone()
+        copy.label, copy.kind = self.label, self.kind
+        return copy
+
+
+def wrap_module(
+    module: torch.nn.Module, load_device: torch.device, offload_device: torch.device, label: str, kind: str
+) -> TurboPatcher:
+    return TurboPatcher(
+        module, load_device, offload_device, size=mm.module_size(module), label=label, kind=kind
+    )
+
+
+def load_to_device(*patchers: TurboPatcher) -> None:
+    """Bring models onto their compute device through ComfyUI (evicting others if memory is short)."""
+    mm.load_models_gpu(list(patchers))
+
+
+@dataclass(frozen=True)
+class LoadedModelInfo:
+    label: str
+    kind: str
+    device: str
+    size_mb: float
+
+
+def _describe(loaded) -> LoadedModelInfo:
+    patcher = loaded.model
+    return LoadedModelInfo(patcher.label, patcher.kind, str(loaded.device), patcher.model_size() / 2**20)
+
+
+def loaded_models_of_ours() -> list[LoadedModelInfo]:
+    """Our models that ComfyUI currently counts as loaded."""
+    return [
+        _describe(loaded) for loaded in mm.current_loaded_models if isinstance(loaded.model, TurboPatcher)
+    ]
+
+
+def unload_models_of_ours() -> list[LoadedModelInfo]:
+    """Unload every model of ours from ComfyUI's loaded list; returns what was unloaded."""
+    unloaded = []
+    for index in range(len(mm.current_loaded_models) - 1, -1, -1):
+        loaded = mm.current_loaded_models[index]
+        if isinstance(loaded.model, TurboPatcher):
+            unloaded.append(_describe(loaded))
+            loaded.model_unload()
+            mm.current_loaded_models.pop(index)
+    return unloaded
+
+
+def _on_load_device(patcher: TurboPatcher) -> bool:
+    device = module_device(patcher.model)
+    target = torch.device(patcher.load_device)
+    return device.type == target.type and (device.index or 0) == (target.index or 0)
+
+
+def reconcile_after_sampling(patchers: list[TurboPatcher]) -> None:
+    """Make ComfyUI's loaded list match where the experts are after the library's expert switch.
+
+    The sampler moves the Wan2.2 experts itself (only the active one stays on the GPU); afterwards the
+    expert that was moved out is unloaded in ComfyUI's books and the one moved in is registered.
+    """
+    if len(patchers) < 2:
+        return
+    for index in range(len(mm.current_loaded_models) - 1, -1, -1):
+        loaded = mm.current_loaded_models[index]
+        if loaded.model in patchers and not _on_load_device(loaded.model):
+            loaded.model_unload()
+            mm.current_loaded_models.pop(index)
+    mm.load_models_gpu([patcher for patcher in patchers if _on_load_device(patcher)])

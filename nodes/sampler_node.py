@@ -1,0 +1,174 @@
+"""The rCM few-step sampler node."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import comfy.utils
+import torch
+from comfy import model_management as mm
+
+from .. import wan_models
+from ..wan_models.sampler import I2V_IN_DIM, MAX_STEPS, SAMPLER_MODES
+from .comfy_conditioning import single_context, start_image_condition
+from .comfy_latent import to_comfy_latent
+from .model_patchers import TurboPatcher, load_to_device, reconcile_after_sampling
+
+CATEGORY = "TurboDiffusion"
+NODE = "TD_RCMSampler"
+SEED_MAX = 0xFFFFFFFFFFFFFFFF
+
+
+@contextmanager
+def interrupt_checks(*models: torch.nn.Module):
+    """Check ComfyUI's interrupt flag before every transformer block, so Cancel stops within a block."""
+
+    def check(module, args):
+        mm.throw_exception_if_processing_interrupted()
+
+    handles = []
+    for model in models:
+        blocks = getattr(model, "blocks", None)
+        for block in blocks if blocks is not None else [model]:
+            handles.append(block.register_forward_pre_hook(check))
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _check_pairing(model: TurboPatcher, condition: torch.Tensor | None, context: torch.Tensor) -> None:
+    config = model.model.config
+    if config.in_dim == I2V_IN_DIM and condition is None:
+        raise ValueError(
+            f"{NODE}: '{model.label}' is a Wan2.2 I2V expert (in_dim {I2V_IN_DIM}) and needs a start "
+            f"image, but the positive conditioning has none (a text-to-video latent). Connect "
+            f"TD_ImageToVideo's positive and latent outputs to this sampler, or load a Wan2.1 T2V model "
+            f"for text-to-video."
+        )
+    if config.in_dim != I2V_IN_DIM and condition is not None:
+        raise ValueError(
+            f"{NODE}: '{model.label}' is a text-to-video model (in_dim {config.in_dim}), but the "
+            f"conditioning carries a start image. For image-to-video load the Wan2.2 I2V A14B experts "
+            f"(high noise as model, low noise as low_noise_model); for text-to-video connect TD_TextEncode "
+            f"directly."
+        )
+    if context.shape[-1] != config.text_dim:
+        raise ValueError(
+            f"{NODE}: the conditioning is {context.shape[-1]} wide but '{model.label}' expects umT5 text "
+            f"features of width {config.text_dim}; encode the prompt with the Wan umT5-XXL text encoder."
+        )
+
+
+class TD_RCMSampler:
+    DESCRIPTION = (
+        "TurboDiffusion's rCM sampler: a video in 1-4 steps, no CFG. With low_noise_model it runs the Wan2.2 "
+        "I2V A14B expert pair (high noise while t >= boundary, then low noise)."
+    )
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("LATENT",)
+    RETURN_NAMES = ("latent",)
+    OUTPUT_TOOLTIPS = ("The sampled Wan latent (raw VAE mean, as core VAEDecode with the Wan VAE expects).",)
+    FUNCTION = "sample"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "model": ("TD_WAN_MODEL", {"tooltip": "The DiT (the high-noise expert for Wan2.2 I2V)."}),
+                "positive": (
+                    "CONDITIONING",
+                    {"tooltip": "The prompt: TD_TextEncode, CLIPTextEncode with umT5, or TD_ImageToVideo."},
+                ),
+                "latent": (
+                    "LATENT",
+                    {"tooltip": "Sets the video size and batch: TD_EmptyVideoLatent or TD_ImageToVideo."},
+                ),
+                "seed": (
+                    "INT",
+                    {
+                        "default": 0,
+                        "min": 0,
+                        "max": SEED_MAX,
+                        "control_after_generate": True,
+                        "tooltip": "Seed of the noise (TurboDiffusion's default is 0).",
+                    },
+                ),
+                "steps": (
+                    "INT",
+                    {
+                        "default": 4,
+                        "min": 1,
+                        "max": MAX_STEPS,
+                        "tooltip": "Sampling steps, 1-4 (rCM distilled).",
+                    },
+                ),
+                "sigma_max": (
+                    "FLOAT",
+                    {
+                        "default": 80.0,
+                        "min": 1.0,
+                        "max": 5000.0,
+                        "step": 1.0,
+                        "tooltip": "Initial noise level: 80 for Wan2.1 T2V, 200 for Wan2.2 I2V; "
+                        "larger values (e.g. 1600) reduce diversity.",
+                    },
+                ),
+                "mode": (
+                    list(SAMPLER_MODES),
+                    {
+                        "default": "sde",
+                        "tooltip": "sde: fresh noise at every step (TurboDiffusion's default); "
+                        "ode: deterministic (the I2V --ode option).",
+                    },
+                ),
+            },
+            "optional": {
+                "low_noise_model": (
+                    "TD_WAN_MODEL",
+                    {"tooltip": "Wan2.2 I2V A14B low-noise expert; takes over once t < boundary."},
+                ),
+                "boundary": (
+                    "FLOAT",
+                    {
+                        "default": 0.9,
+                        "min": 0.0,
+                        "max": 1.0,
+                        "step": 0.01,
+                        "tooltip": "Flow time t below which the low-noise expert runs (TurboDiffusion: 0.9).",
+                    },
+                ),
+            },
+        }
+
+    def sample(
+        self, model, positive, latent, seed, steps, sigma_max, mode, low_noise_model=None, boundary=0.9
+    ):
+        shape = tuple(latent["samples"].shape)
+        context, options = single_context(positive, NODE)
+        condition = start_image_condition(options, shape, NODE)
+        _check_pairing(model, condition, context)
+        context = wan_models.pad_context(context)
+        experts = [model] if low_noise_model is None else [model, low_noise_model]
+        load_to_device(model)
+        progress = comfy.utils.ProgressBar(steps)
+        try:
+            with interrupt_checks(*(expert.model for expert in experts)):
+                final = wan_models.rcm_sample(
+                    model.model,
+                    context,
+                    shape,
+                    seed=seed,
+                    steps=steps,
+                    sigma_max=sigma_max,
+                    mode=mode,
+                    y=condition,
+                    low_noise_model=None if low_noise_model is None else low_noise_model.model,
+                    boundary=boundary,
+                    device=model.load_device,
+                    callback=lambda step, total: progress.update_absolute(step, total),
+                )
+        finally:
+            reconcile_after_sampling(experts)
+        return (to_comfy_latent(final.to(mm.intermediate_device())),)
