@@ -1,0 +1,421 @@
+"""Triton block-sparse attention over a LUT (SLA / SageSLA sparse branch), with a dense variant and the SLA
+linear branch fused into the epilogue (KERNELS.md §1.2-1.6, §4.1, §4.3, §4.5).
+
+One kernel, specialised by constexpr flags:
+* QUANT: INT8 Q·Kᵀ (q8/k8 from `sage_prepass`, INT32 accumulate, one fp32 scale per block pair with
+  sm_scale·log2e folded into the q scale) or bf16 Q·Kᵀ straight from the (B, L, H, D) inputs (`sla`).
+* PV: 0 = bf16 P·V from the input V (`sla`), 1 = fp16 P and V (Ampere SageSLA, no E4M3 there),
+  2 = E4M3 P̃·V̂ with P̃ = 2^(s - m + 8.807) in [0, 448] and V̂ transposed (N, D, L_pad); each block's FP8 product
+  goes into a fresh accumulator that is added in fp32 (`acc += tl.dot(p8, v8)`, the two-level scheme).
+* DENSE: iterate over all key blocks instead of the LUT (SageAttention-style dense path).
+* LINEAR: o += φ(q)·KV' / (φ(q)·Z + 1e-5) + b with KV' = (φ(K)ᵀV)·Wᵀ folded per head beforehand; φ(q) is
+  computed from the bf16 q tile (never from the dequantised INT8 q).
+* USE_DESC: load q8, k8 and V̂ through TMA tensor descriptors (Hopper; 3-D [N, L, D] / [N, D, L_pad] so that
+  tiles zero-fill per head) instead of masked pointer loads.
+
+Contract: grid (ceil(L/BLOCK_M), N); program (m, n) owns query rows [m·BLOCK_M, (m+1)·BLOCK_M) of head n and
+reads LUT row m·BLOCK_M // BLKQ (BLOCK_M divides BLKQ; BLOCK_N == BLKK). Online softmax in fp32 (exp2 domain).
+The key tail block masks columns >= L to -inf; the query tail is masked on load and store; every output
+element is written, rows with an empty selection get 0 from the sparse branch. Offsets are int64.
+Output: (B, L, H, D) in q's dtype. Accuracy vs float64 (KERNELS.md §1.9): INT8+FP8 rel-L2 <= 0.05, INT8+FP16
+<= 0.04, bf16 <= 5e-3; checked by tests/test_kernels_interpret.py (TRITON_INTERPRET=1; bf16 dots run in fp32
+there because the interpreter mishandles them, KERNELS.md §4.9) and by bench/attention.py on the GPU.
+Reference: `sla_reference.block_sparse_attention` / `sage_sparse_attention` / `linear_branch`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from .sage_prepass import SagePrepared, interpreting, to_e4m3
+from .sla_reference import LOG2E
+
+try:
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # Triton < 3.4: pointer loads only
+    TensorDescriptor = None
+
+# P·V operand formats (the kernel's PV constexpr).
+PV_BF16 = tl.constexpr(0)
+PV_FP16 = tl.constexpr(1)
+PV_FP8 = tl.constexpr(2)
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    block_m: int
+    num_warps: int
+    num_stages: int
+
+
+# Hopper: one warpgroup on a 64-row tile, 2 stages (KERNELS.md §0, §2.4: 713 TOPS dense on H100).
+HOPPER_CONFIG = KernelConfig(block_m=64, num_warps=4, num_stages=2)
+# Everything else: 128-row tiles, 8 warps, 3 stages (SageAttention v1 / TurboDiffusion's SLA kernel).
+GENERIC_CONFIG = KernelConfig(block_m=128, num_warps=8, num_stages=3)
+
+
+@dataclass
+class LinearEpilogue:
+    """Linear branch folded through proj_l: KV' = (φ(K)ᵀV)·Wᵀ bf16 (N, D, D), Z = Σφ(K) (N, D), bias (D,)."""
+
+    q: torch.Tensor  # the bf16 queries (B, L, H, D)
+    kv: torch.Tensor
+    z: torch.Tensor
+    bias: torch.Tensor
+
+
+@triton.jit
+def _sparse_attention_kernel(
+    q_src,
+    k_src,
+    v_src,
+    q_scale_ptr,
+    k_scale_ptr,
+    v_scale_ptr,
+    lut_ptr,
+    count_ptr,
+    out_ptr,
+    lin_q_ptr,
+    lin_kv_ptr,
+    lin_z_ptr,
+    lin_b_ptr,
+    H,
+    L,
+    V_PAD,
+    num_q_blocks,
+    num_k_blocks,
+    k_max,
+    s_qb,
+    s_qh,
+    s_ql,
+    s_kb,
+    s_kh,
+    s_kl,
+    s_vb,
+    s_vh,
+    s_vl,
+    s_ob,
+    s_oh,
+    s_ol,
+    s_lb,
+    s_lh,
+    s_ll,
+    qk_scale,
+    D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLKQ: tl.constexpr,
+    QUANT: tl.constexpr,
+    PV: tl.constexpr,
+    DENSE: tl.constexpr,
+    LINEAR: tl.constexpr,
+    USE_DESC: tl.constexpr,
+    INTERPRET: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    n = tl.program_id(1)
+    n64 = n.to(tl.int64)
+    b = (n // H).to(tl.int64)
+    h = (n % H).to(tl.int64)
+    row0 = pid_m * BLOCK_M
+    q_block = row0 // BLKQ
+    rows = row0 + tl.arange(0, BLOCK_M)
+    cols = tl.arange(0, BLOCK_N)
+    dims = tl.arange(0, D)
+    k_base = b * s_kb + h * s_kh
+    v_base = b * s_vb + h * s_vh
+
+    if USE_DESC:
+        q = q_src.load([n, row0, 0]).reshape(BLOCK_M, D)
+    else:
+        q = tl.load(
+            q_src + b * s_qb + h * s_qh + rows[:, None].to(tl.int64) * s_ql + dims[None, :],
+            mask=rows[:, None] < L,
+            other=0.0,
+        )
+    if QUANT:
+        q_scale = tl.load(q_scale_ptr + n64 * num_q_blocks + q_block)
+    elif INTERPRET:
+        q = q.to(tl.float32)
+    if PV == PV_FP8:
+        offset = 8.807  # sla_reference.FP8_P_OFFSET
+    else:
+        offset = 0.0
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, D], dtype=tl.float32)
+    lut_row = n64 * num_q_blocks + q_block
+    if DENSE:
+        steps = num_k_blocks
+    else:
+        steps = tl.load(count_ptr + lut_row)
+    for i in range(steps):
+        if DENSE:
+            kb = i
+        else:
+            kb = tl.load(lut_ptr + lut_row * k_max + i)
+        start = kb * BLOCK_N
+        keys = start + cols
+        if USE_DESC:
+            k = k_src.load([n, start, 0]).reshape(BLOCK_N, D)
+        else:
+            k = tl.load(
+                k_src + k_base + keys[:, None].to(tl.int64) * s_kl + dims[None, :],
+                mask=keys[:, None] < L,
+                other=0.0,
+            )
+        if QUANT:
+            s = tl.dot(q, tl.trans(k)).to(tl.float32) * (
+                q_scale * tl.load(k_scale_ptr + n64 * num_k_blocks + kb)
+            )
+        else:
+            if INTERPRET:
+                k = k.to(tl.float32)
+            s = tl.dot(q, tl.trans(k)) * qk_scale
+        if start + BLOCK_N > L:
+            s = tl.where(keys[None, :] < L, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        alpha = tl.math.exp2(m_i - m_new)
+        p = tl.math.exp2(s - m_new[:, None] + offset)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None]
+        if PV == PV_FP8:
+            if USE_DESC:
+                vt = v_src.load([n, 0, start]).reshape(D, BLOCK_N)
+            else:
+                vt = tl.load(v_src + (n64 * D + dims[:, None]) * V_PAD + keys[None, :])
+            acc += tl.dot(to_e4m3(p, INTERPRET), tl.trans(vt))
+        else:
+            v = tl.load(
+                v_src + v_base + keys[:, None].to(tl.int64) * s_vl + dims[None, :],
+                mask=keys[:, None] < L,
+                other=0.0,
+            )
+            if PV == PV_FP16:
+                acc = tl.dot(p.to(tl.float16), v.to(tl.float16), acc)
+            elif INTERPRET:
+                acc = tl.dot(p, v.to(tl.float32), acc)
+            else:
+                acc = tl.dot(p.to(v.dtype), v, acc)
+        m_i = m_new
+
+    out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+    if PV == PV_FP8:
+        out = out * tl.load(v_scale_ptr + n64 * D + dims)[None, :]
+    if LINEAR:
+        x = tl.load(
+            lin_q_ptr + b * s_lb + h * s_lh + rows[:, None].to(tl.int64) * s_ll + dims[None, :],
+            mask=rows[:, None] < L,
+            other=0.0,
+        ).to(tl.float32)
+        e = tl.exp(x - tl.max(x, axis=1)[:, None])
+        phi = e / tl.sum(e, axis=1)[:, None]
+        kv = tl.load(lin_kv_ptr + (n64 * D + dims[:, None]) * D + dims[None, :])
+        if INTERPRET:
+            numerator = tl.dot(phi, kv.to(tl.float32))
+        else:
+            numerator = tl.dot(phi.to(kv.dtype), kv)
+        z = tl.load(lin_z_ptr + n64 * D + dims)
+        denominator = tl.sum(phi * z[None, :], axis=1) + 1e-5  # sla_reference.LINEAR_EPS
+        out = out + numerator / denominator[:, None] + tl.load(lin_b_ptr + dims)[None, :]
+    tl.store(
+        out_ptr + b * s_ob + h * s_oh + rows[:, None].to(tl.int64) * s_ol + dims[None, :],
+        out.to(out_ptr.dtype.element_ty),
+        mask=rows[:, None] < L,
+    )
+
+
+def default_config(device: torch.device) -> KernelConfig:
+    if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] == 9:
+        return HOPPER_CONFIG
+    return GENERIC_CONFIG
+
+
+def descriptors_supported(device: torch.device) -> bool:
+    """TMA descriptors pay on Hopper; elsewhere (and in the interpreter) plain pointer loads are used."""
+    return (
+        TensorDescriptor is not None
+        and device.type == "cuda"
+        and torch.cuda.get_device_capability(device)[0] == 9
+        and not interpreting()
+    )
+
+
+def _bhl(x: torch.Tensor, heads: int) -> tuple[int, int, int]:
+    """(batch, head, token) element strides of a (B, L, H, D) tensor or of a heads-first (B·H, L, D) one."""
+    if x.dim() == 4:
+        return x.stride(0), x.stride(2), x.stride(1)
+    return x.stride(0) * heads, x.stride(0), x.stride(1)
+
+
+def _launch(
+    q_src,
+    k_src,
+    v_src,
+    *,
+    q_like: torch.Tensor,
+    k_like: torch.Tensor,
+    v_like: torch.Tensor,
+    out: torch.Tensor,
+    heads: int,
+    blkq: int,
+    blkk: int,
+    q_scale=None,
+    k_scale=None,
+    v_scale=None,
+    lut=None,
+    counts=None,
+    linear: LinearEpilogue | None,
+    quant: bool,
+    pv: int,
+    use_desc: bool,
+    config: KernelConfig,
+    v_pad: int = 0,
+):
+    batch, length, _, d = out.shape
+    if blkq % config.block_m:
+        raise ValueError(f"BLOCK_M {config.block_m} must divide the query block {blkq}")
+    num_q_blocks = triton.cdiv(length, blkq)
+    num_k_blocks = triton.cdiv(length, blkk)
+    dense = lut is None
+    placeholder = out
+    lin_q = linear.q if linear is not None else out
+    _sparse_attention_kernel[(triton.cdiv(length, config.block_m), batch * heads)](
+        q_src,
+        k_src,
+        v_src,
+        placeholder if q_scale is None else q_scale,
+        placeholder if k_scale is None else k_scale,
+        placeholder if v_scale is None else v_scale,
+        placeholder if dense else lut,
+        placeholder if dense else counts,
+        out,
+        lin_q,
+        placeholder if linear is None else linear.kv,
+        placeholder if linear is None else linear.z,
+        placeholder if linear is None else linear.bias,
+        heads,
+        length,
+        v_pad,
+        num_q_blocks,
+        num_k_blocks,
+        0 if dense else lut.shape[-1],
+        *_bhl(q_like, heads),
+        *_bhl(k_like, heads),
+        *_bhl(v_like, heads),
+        *_bhl(out, heads),
+        *_bhl(lin_q, heads),
+        LOG2E / math.sqrt(d),
+        D=d,
+        BLOCK_M=config.block_m,
+        BLOCK_N=blkk,
+        BLKQ=blkq,
+        QUANT=quant,
+        PV=pv,
+        DENSE=dense,
+        LINEAR=linear is not None,
+        USE_DESC=use_desc,
+        INTERPRET=interpreting(),
+        num_warps=config.num_warps,
+        num_stages=config.num_stages,
+    )
+    return out
+
+
+def bf16_sparse_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    lut: torch.Tensor,
+    counts: torch.Tensor,
+    blkq: int,
+    blkk: int,
+    *,
+    linear: LinearEpilogue | None = None,
+    config: KernelConfig | None = None,
+) -> torch.Tensor:
+    """`sla` sparse branch (+ fused linear branch): bf16/fp16 q, k, v (B, L, H, D) -> (B, L, H, D)."""
+    out = torch.empty_like(q)
+    config = config or default_config(q.device)
+    config = KernelConfig(min(config.block_m, blkq), config.num_warps, config.num_stages)
+    return _launch(
+        q,
+        k,
+        v,
+        q_like=q,
+        k_like=k,
+        v_like=v,
+        out=out,
+        heads=q.shape[2],
+        blkq=blkq,
+        blkk=blkk,
+        lut=lut,
+        counts=counts,
+        linear=linear,
+        quant=False,
+        pv=PV_BF16,
+        use_desc=False,
+        config=config,
+    )
+
+
+def quantised_attention(
+    prep: SagePrepared,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    blkq: int,
+    blkk: int,
+    *,
+    lut: torch.Tensor | None = None,
+    counts: torch.Tensor | None = None,
+    linear: LinearEpilogue | None = None,
+    config: KernelConfig | None = None,
+    use_desc: bool | None = None,
+) -> torch.Tensor:
+    """SageSLA sparse branch over `lut` (dense when lut is None) from pre-pass operands; writes into `out`.
+
+    `v` is the original (B, L, H, D) V, read directly by the fp16 recipe (prep.v_fp8 is None).
+    """
+    heads = out.shape[2]
+    config = config or default_config(out.device)
+    config = KernelConfig(min(config.block_m, blkq), config.num_warps, config.num_stages)
+    if use_desc is None:
+        use_desc = descriptors_supported(out.device)
+    fp8 = prep.v_fp8 is not None
+    q_src, k_src = prep.q8, prep.k8
+    v_src = prep.v_fp8 if fp8 else v
+    if use_desc:
+        d = prep.q8.shape[-1]
+        q_src = TensorDescriptor.from_tensor(prep.q8, [1, config.block_m, d])
+        k_src = TensorDescriptor.from_tensor(prep.k8, [1, blkk, d])
+        if fp8:
+            v_src = TensorDescriptor.from_tensor(prep.v_fp8, [1, d, blkk])
+    return _launch(
+        q_src,
+        k_src,
+        v_src,
+        q_like=prep.q8,
+        k_like=prep.k8,
+        v_like=v,
+        out=out,
+        heads=heads,
+        blkq=blkq,
+        blkk=blkk,
+        q_scale=prep.q_scale,
+        k_scale=prep.k_scale,
+        v_scale=prep.v_scale,
+        lut=lut,
+        counts=counts,
+        linear=linear,
+        quant=True,
+        pv=PV_FP8 if fp8 else PV_FP16,
+        use_desc=use_desc,
+        config=config,
+        v_pad=prep.v_fp8.shape[-1] if fp8 else 0,
+    )
