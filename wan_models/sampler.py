@@ -91,11 +91,24 @@ def network_timestep(t: torch.Tensor, batch: int) -> torch.Tensor:
 
 
 def compute_dtype(model: torch.nn.Module) -> torch.dtype:
-    """The dtype the network computes in: that of its floating-point parameters."""
+    """The dtype the network computes in: its `compute_dtype`, else that of its floating-point parameters."""
+    declared = getattr(model, "compute_dtype", None)
+    if isinstance(declared, torch.dtype):
+        return declared
     for parameter in model.parameters():
         if parameter.is_floating_point():
             return parameter.dtype
     raise ValueError(f"{type(model).__name__} has no floating-point parameters to take a compute dtype from")
+
+
+def check_sampler_options(steps: int, sigma_max: float, mode: str, boundary: float = 0.9) -> None:
+    """Raise a ValueError naming the problem if a sampler option is out of range."""
+    _check_steps(steps)
+    _check_sigma_max(sigma_max)
+    if mode not in SAMPLER_MODES:
+        raise ValueError(f"unknown sampler mode {mode!r}; choose 'sde' or 'ode'")
+    if not 0.0 <= boundary <= 1.0:
+        raise ValueError(f"boundary must be an RF time in [0, 1] (default 0.9), got {boundary!r}")
 
 
 def _architecture(model: torch.nn.Module) -> dict[str, object]:
@@ -231,12 +244,7 @@ def rcm_sample(
     each step) or "ode". `callback(step, total)` runs after every step; `stats`, if given, is filled in.
     The models are left where sampling ended.
     """
-    _check_steps(steps)
-    _check_sigma_max(sigma_max)
-    if mode not in SAMPLER_MODES:
-        raise ValueError(f"unknown sampler mode {mode!r}; choose 'sde' or 'ode'")
-    if not 0.0 <= boundary <= 1.0:
-        raise ValueError(f"boundary must be an RF time in [0, 1] (default 0.9), got {boundary!r}")
+    check_sampler_options(steps, sigma_max, mode, boundary)
     arch = _check_expert_pair(model, low_noise_model)
     shape = _check_shape(shape, arch)
     if context.ndim != 3:
