@@ -1,0 +1,447 @@
+"""The Wan 2.1 video VAE: causal 3-D convolutions, 8x8 spatial and 4x temporal compression, 16 channels.
+
+Module names equal the keys of `Wan2.1_VAE.pth` and ComfyUI's `wan_2.1_vae.safetensors`, so those state dicts
+load as they are (`vae_loader.load_vae` also reads the diffusers layout). The same VAE serves Wan 2.1 and the
+Wan 2.2 A14B models (TURBODIFFUSION.md section 7, FORMATS.md section 2).
+
+* `encode(video)`: `[B, 3, F, H, W]` in [-1, 1], F = 4n+1, H and W multiples of 8 -> the normalised latent
+  `(mu - mean) / std` (posterior mean, no sampling), `[B, 16, 1 + (F-1)/4, H/8, W/8]`.
+* `decode(latent)`: normalised latent -> video in [-1, 1], `[B, 3, 1 + 4(T-1), 8h, 8w]`, clamped to [-1, 1]
+  (as the original Wan wrapper and diffusers do; TurboDiffusion clamps right after decoding).
+
+Time is processed causally in chunks, exactly as the reference: encode takes frame 0 alone, then groups of 4
+frames; decode takes one latent frame at a time. Every causal convolution carries the last `CACHE_FRAMES`
+input frames of the previous chunk (`CausalCache`). Decoding can also be tiled spatially (`DecodePlan`).
+
+Precision: everything runs in the module's dtype (bf16 in production, as TurboDiffusion does); inputs are cast
+to it, the latent mean and 1/std are made in it, and results come back as float32.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+LATENT_CHANNELS = 16
+SPATIAL_FACTOR = 8
+TEMPORAL_FACTOR = 4
+CACHE_FRAMES = 2
+# Per-channel latent statistics of the Wan 2.1 VAE (identical in every reference implementation).
+LATENT_MEAN = (
+    -0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
+    0.4134, -0.0715, 0.5517, -0.3632, -0.1922, -0.9497, 0.2503, -0.2921,
+)  # fmt: skip
+LATENT_STD = (
+    2.8184, 1.4541, 2.3275, 2.6558, 1.2196, 1.7708, 2.6052, 2.0743,
+    3.2687, 2.1526, 2.8652, 1.5579, 1.6382, 1.1253, 2.8251, 1.9160,
+)  # fmt: skip
+# Channel multipliers of the stages; the encoder's 2nd and 3rd downsamplings also halve time.
+DIM_MULT = (1, 2, 4, 4)
+TEMPORAL_DOWNSAMPLE = (False, True, True)
+
+ProgressCallback = Callable[[int, int], None]
+logger = logging.getLogger(__name__)
+
+
+class CausalConv3d(nn.Conv3d):
+    """A Conv3d padded only on the past side in time; `history` frames replace that zero padding."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0) -> None:
+        super().__init__(in_channels, out_channels, kernel_size, stride=stride)
+        pad_t, pad_h, pad_w = (padding,) * 3 if isinstance(padding, int) else padding
+        self.past_frames = 2 * pad_t
+        self.spatial_padding = (pad_w, pad_w, pad_h, pad_h)
+
+    def forward(self, x: torch.Tensor, history: torch.Tensor | None = None) -> torch.Tensor:
+        past_padding = self.past_frames
+        if history is not None and past_padding > 0:
+            x = torch.cat([history.to(x.device), x], dim=2)
+            past_padding -= history.shape[2]
+        return super().forward(F.pad(x, (*self.spatial_padding, past_padding, 0)))
+
+
+class CausalCache:
+    """What each causal layer remembers of the previous time chunk of one clip."""
+
+    def __init__(self) -> None:
+        self._history: dict[nn.Module, torch.Tensor | None] = {}
+
+    def seen(self, layer: nn.Module) -> bool:
+        return layer in self._history
+
+    def history(self, layer: nn.Module) -> torch.Tensor | None:
+        return self._history.get(layer)
+
+    def remember(self, layer: nn.Module, frames: torch.Tensor | None) -> None:
+        self._history[layer] = frames
+
+    def conv(self, conv: CausalConv3d, x: torch.Tensor) -> torch.Tensor:
+        """Run `conv` on this chunk with the previous chunk's last input frames in front."""
+        history = self.history(conv)
+        tail = x[:, :, -CACHE_FRAMES:]
+        if tail.shape[2] < CACHE_FRAMES and history is not None:
+            tail = torch.cat([history[:, :, -1:].to(x.device), tail], dim=2)
+        self.remember(conv, tail.clone())
+        return conv(x, history)
+
+
+class RMSNorm(nn.Module):
+    """Channel-first RMS norm: `x / max(||x||_2 over channels, eps) * sqrt(C) * gamma`."""
+
+    def __init__(self, channels: int, per_frame: bool = False) -> None:
+        super().__init__()
+        self.scale = channels**0.5
+        self.gamma = nn.Parameter(torch.ones(channels, 1, 1) if per_frame else torch.ones(channels, 1, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.normalize(x, dim=1) * self.scale * self.gamma
+
+
+def _per_frame(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Apply a 2-D layer to every frame of `[B, C, T, H, W]`."""
+    b, _, t = x.shape[:3]
+    frames = layer(x.transpose(1, 2).flatten(0, 1))
+    return frames.unflatten(0, (b, t)).transpose(1, 2)
+
+
+class ResidualBlock(nn.Module):
+    def __init__(self, in_dim: int, out_dim: int) -> None:
+        super().__init__()
+        # Indices follow the checkpoint: 0 norm, 1 SiLU, 2 conv, 3 norm, 4 SiLU, 5 dropout (0 in Wan), 6 conv.
+        self.residual = nn.Sequential(
+            RMSNorm(in_dim),
+            nn.SiLU(),
+            CausalConv3d(in_dim, out_dim, 3, padding=1),
+            RMSNorm(out_dim),
+            nn.SiLU(),
+            nn.Identity(),
+            CausalConv3d(out_dim, out_dim, 3, padding=1),
+        )
+        self.shortcut = CausalConv3d(in_dim, out_dim, 1) if in_dim != out_dim else nn.Identity()
+
+    def forward(self, x: torch.Tensor, cache: CausalCache) -> torch.Tensor:
+        norm1, act1, conv1, norm2, act2, _, conv2 = self.residual
+        h = cache.conv(conv1, act1(norm1(x)))
+        h = cache.conv(conv2, act2(norm2(h)))
+        return h + self.shortcut(x)
+
+
+class AttentionBlock(nn.Module):
+    """Single-head self-attention over the pixels of each frame (needs no history)."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.norm = RMSNorm(dim, per_frame=True)
+        self.to_qkv = nn.Conv2d(dim, dim * 3, 1)
+        self.proj = nn.Conv2d(dim, dim, 1)
+
+    def forward(self, x: torch.Tensor, cache: CausalCache) -> torch.Tensor:
+        return x + _per_frame(self._attend, x)
+
+    def _attend(self, frames: torch.Tensor) -> torch.Tensor:
+        n, c, h, w = frames.shape
+        qkv = self.to_qkv(self.norm(frames)).view(n, 3, 1, c, h * w).transpose(-1, -2)
+        q, k, v = qkv.unbind(1)
+        out = F.scaled_dot_product_attention(q, k, v)
+        return self.proj(out.squeeze(1).transpose(1, 2).reshape(n, c, h, w))
+
+
+class Downsample(nn.Module):
+    """Halve height and width (zero-pad right/bottom, stride-2 conv); optionally halve time causally."""
+
+    def __init__(self, dim: int, temporal: bool) -> None:
+        super().__init__()
+        self.resample = nn.Sequential(nn.ZeroPad2d((0, 1, 0, 1)), nn.Conv2d(dim, dim, 3, stride=2))
+        self.time_conv = CausalConv3d(dim, dim, (3, 1, 1), stride=(2, 1, 1)) if temporal else None
+
+    def forward(self, x: torch.Tensor, cache: CausalCache) -> torch.Tensor:
+        x = _per_frame(self.resample, x)
+        if self.time_conv is None:
+            return x
+        previous = cache.history(self)
+        cache.remember(self, x[:, :, -1:].clone())
+        if previous is None:  # the first chunk (frame 0) keeps its single frame
+            return x
+        return self.time_conv(torch.cat([previous, x], dim=2))
+
+
+class Upsample(nn.Module):
+    """Double height and width (nearest, then a conv halving channels); optionally double time causally."""
+
+    def __init__(self, dim: int, temporal: bool) -> None:
+        super().__init__()
+        self.resample = nn.Sequential(
+            nn.Upsample(scale_factor=(2.0, 2.0), mode="nearest-exact"), nn.Conv2d(dim, dim // 2, 3, padding=1)
+        )
+        self.time_conv = CausalConv3d(dim, dim * 2, (3, 1, 1), padding=(1, 0, 0)) if temporal else None
+
+    def forward(self, x: torch.Tensor, cache: CausalCache) -> torch.Tensor:
+        if self.time_conv is not None:
+            x = self._double_frames(x, cache)
+        return _per_frame(self.resample, x)
+
+    def _double_frames(self, x: torch.Tensor, cache: CausalCache) -> torch.Tensor:
+        if not cache.seen(self):  # the first latent frame stands for one video frame only
+            cache.remember(self, None)
+            return x
+        pairs = cache.conv(self.time_conv, x)
+        b, c2, t, h, w = pairs.shape
+        # Channel halves are the even and odd output frames.
+        return pairs.view(b, 2, c2 // 2, t, h, w).permute(0, 2, 3, 1, 4, 5).reshape(b, c2 // 2, 2 * t, h, w)
+
+
+def _middle(dim: int) -> nn.ModuleList:
+    return nn.ModuleList([ResidualBlock(dim, dim), AttentionBlock(dim), ResidualBlock(dim, dim)])
+
+
+def _head(dim: int, out_channels: int) -> nn.Sequential:
+    return nn.Sequential(RMSNorm(dim), nn.SiLU(), CausalConv3d(dim, out_channels, 3, padding=1))
+
+
+class Encoder(nn.Module):
+    def __init__(self, base_dim: int, out_channels: int) -> None:
+        super().__init__()
+        dims = [base_dim * m for m in (1, *DIM_MULT)]
+        self.conv1 = CausalConv3d(3, dims[0], 3, padding=1)
+        layers: list[nn.Module] = []
+        for stage, (in_dim, out_dim) in enumerate(zip(dims[:-1], dims[1:])):
+            layers += [ResidualBlock(in_dim, out_dim), ResidualBlock(out_dim, out_dim)]
+            if stage < len(TEMPORAL_DOWNSAMPLE):
+                layers.append(Downsample(out_dim, temporal=TEMPORAL_DOWNSAMPLE[stage]))
+        self.downsamples = nn.ModuleList(layers)
+        self.middle = _middle(dims[-1])
+        self.head = _head(dims[-1], out_channels)
+
+    def forward(self, x: torch.Tensor, cache: CausalCache) -> torch.Tensor:
+        x = cache.conv(self.conv1, x)
+        for layer in (*self.downsamples, *self.middle):
+            x = layer(x, cache)
+        norm, act, conv = self.head
+        return cache.conv(conv, act(norm(x)))
+
+
+class Decoder(nn.Module):
+    def __init__(self, base_dim: int, in_channels: int) -> None:
+        super().__init__()
+        dims = [base_dim * m for m in (DIM_MULT[-1], *reversed(DIM_MULT))]
+        temporal_upsample = tuple(reversed(TEMPORAL_DOWNSAMPLE))
+        self.conv1 = CausalConv3d(in_channels, dims[0], 3, padding=1)
+        self.middle = _middle(dims[0])
+        layers: list[nn.Module] = []
+        for stage, (in_dim, out_dim) in enumerate(zip(dims[:-1], dims[1:])):
+            if stage > 0:  # the previous upsampling halved the channels
+                in_dim //= 2
+            layers += [ResidualBlock(in_dim, out_dim), ResidualBlock(out_dim, out_dim)]
+            layers.append(ResidualBlock(out_dim, out_dim))
+            if stage < len(temporal_upsample):
+                layers.append(Upsample(out_dim, temporal=temporal_upsample[stage]))
+        self.upsamples = nn.ModuleList(layers)
+        self.head = _head(dims[-1], 3)
+
+    def forward(self, x: torch.Tensor, cache: CausalCache) -> torch.Tensor:
+        x = cache.conv(self.conv1, x)
+        for layer in (*self.middle, *self.upsamples):
+            x = layer(x, cache)
+        norm, act, conv = self.head
+        return cache.conv(conv, act(norm(x)))
+
+
+@dataclass(frozen=True)
+class DecodePlan:
+    """How `decode` covers the latent: spatial tiles (latent-pixel ranges), each decoded frame by frame."""
+
+    rows: tuple[tuple[int, int], ...]
+    cols: tuple[tuple[int, int], ...]
+    tile_size: int | None
+    tile_overlap: int
+
+    @property
+    def tiled(self) -> bool:
+        return len(self.rows) * len(self.cols) > 1
+
+    def describe(self) -> str:
+        if not self.tiled:
+            return "untiled, one latent frame at a time"
+        return (
+            f"{len(self.rows)}x{len(self.cols)} spatial tiles of up to {self.tile_size} latent px "
+            f"(overlap >= {self.tile_overlap}, linear seam blending), one latent frame at a time"
+        )
+
+
+def plan_decode(
+    latent_shape: torch.Size | tuple[int, ...], tile_size: int | None = None, tile_overlap: int | None = None
+) -> DecodePlan:
+    """The tiling `decode` uses for a latent of this shape. `tile_size=None` (or >= the size): no tiling.
+
+    `tile_size` and `tile_overlap` are in latent pixels (x8 in the video); the overlap defaults to a quarter
+    of the tile. Tiles are spread evenly so that neighbours overlap by at least `tile_overlap`.
+    """
+    height, width = latent_shape[-2:]
+    if tile_size is None:
+        return DecodePlan(((0, height),), ((0, width),), None, 0)
+    overlap = tile_size // 4 if tile_overlap is None else tile_overlap
+    if tile_size < 1 or not 0 <= overlap < tile_size:
+        raise ValueError(
+            f"tile_size {tile_size} / tile_overlap {overlap}: "
+            "need tile_size >= 1 and 0 <= tile_overlap < tile_size (both in latent pixels)"
+        )
+    return DecodePlan(
+        _tile_ranges(height, tile_size, overlap), _tile_ranges(width, tile_size, overlap), tile_size, overlap
+    )
+
+
+def _tile_ranges(length: int, tile: int, overlap: int) -> tuple[tuple[int, int], ...]:
+    if tile >= length:
+        return ((0, length),)
+    count = math.ceil((length - overlap) / (tile - overlap))
+    starts = [round(i * (length - tile) / (count - 1)) for i in range(count)]
+    return tuple((start, start + tile) for start in starts)
+
+
+def _blend_weights(ranges: tuple[tuple[int, int], ...], scale: int) -> list[torch.Tensor]:
+    """Per tile, 1-D weights over its video pixels: linear ramps across overlaps, summing to 1 everywhere."""
+    ramps = []
+    for i, (start, end) in enumerate(ranges):
+        pixels = torch.arange(start * scale, end * scale, dtype=torch.float64) + 0.5
+        weight = torch.ones_like(pixels)
+        if i > 0 and ranges[i - 1][1] > start:
+            weight = torch.minimum(weight, (pixels - start * scale) / ((ranges[i - 1][1] - start) * scale))
+        if i + 1 < len(ranges) and ranges[i + 1][0] < end:
+            weight = torch.minimum(weight, (end * scale - pixels) / ((end - ranges[i + 1][0]) * scale))
+        ramps.append(weight)
+    total = torch.zeros(ranges[-1][1] * scale, dtype=torch.float64)
+    for (start, end), weight in zip(ranges, ramps):
+        total[start * scale : end * scale] += weight
+    return [(w / total[s * scale : e * scale]).float() for (s, e), w in zip(ranges, ramps)]
+
+
+class WanVAE(nn.Module):
+    """The Wan 2.1 VAE (z 16, dim_mult [1,2,4,4], 2 residual blocks, temporal down [F,T,T]); base_dim 96 for
+    the released weights."""
+
+    def __init__(self, base_dim: int = 96) -> None:
+        super().__init__()
+        self.base_dim = base_dim
+        self.encoder = Encoder(base_dim, 2 * LATENT_CHANNELS)
+        self.conv1 = CausalConv3d(2 * LATENT_CHANNELS, 2 * LATENT_CHANNELS, 1)
+        self.conv2 = CausalConv3d(LATENT_CHANNELS, LATENT_CHANNELS, 1)
+        self.decoder = Decoder(base_dim, LATENT_CHANNELS)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.conv2.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.conv2.weight.device
+
+    def latent_stats(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mean, 1/std) shaped for broadcasting, made in the module dtype as TurboDiffusion does."""
+        mean = torch.tensor(LATENT_MEAN, dtype=self.dtype, device=self.device)
+        inv_std = 1.0 / torch.tensor(LATENT_STD, dtype=self.dtype, device=self.device)
+        return mean.view(1, -1, 1, 1, 1), inv_std.view(1, -1, 1, 1, 1)
+
+    @torch.no_grad()
+    def encode(self, video: torch.Tensor) -> torch.Tensor:
+        """`[B, 3, F, H, W]` in [-1, 1] -> normalised latent `[B, 16, 1 + (F-1)/4, H/8, W/8]`, float32."""
+        check_video_shape(video.shape)
+        cache = CausalCache()
+        frames = video.shape[2]
+        chunks = [video[:, :, :1]] + [
+            video[:, :, start : start + TEMPORAL_FACTOR] for start in range(1, frames, TEMPORAL_FACTOR)
+        ]
+        features = torch.cat([self.encoder(c.to(self.device, self.dtype), cache) for c in chunks], dim=2)
+        mu = self.conv1(features)[:, :LATENT_CHANNELS]
+        mean, inv_std = self.latent_stats()
+        return ((mu - mean) * inv_std).float()
+
+    @torch.no_grad()
+    def decode(
+        self,
+        latent: torch.Tensor,
+        tile_size: int | None = None,
+        tile_overlap: int | None = None,
+        callback: ProgressCallback | None = None,
+        output_device: torch.device | str | None = None,
+    ) -> torch.Tensor:
+        """Normalised latent `[B, 16, T, h, w]` -> video `[B, 3, 1 + 4(T-1), 8h, 8w]` in [-1, 1], float32.
+
+        Decodes one latent frame at a time (the causal reference order). With `tile_size` (latent pixels) the
+        frame is also split into overlapping tiles, each decoded with its own caches and blended linearly
+        across the seams; this bounds memory by the tile size but is not bit-identical to untiled decoding
+        (tiles do not see each other, e.g. in the mid-block attention). `callback(done, total)` is called
+        after every decoded latent frame of every tile (total = frames x tiles). The video is built on
+        `output_device` (default: the VAE's device).
+        """
+        check_latent_shape(latent.shape)
+        plan = plan_decode(latent.shape, tile_size, tile_overlap)
+        logger.info("Wan VAE decode: %s", plan.describe())
+        mean, inv_std = self.latent_stats()
+        z = self.conv2(latent.to(self.device, self.dtype) / inv_std + mean)
+        batch, _, frames, height, width = z.shape
+        video = torch.zeros(
+            batch,
+            3,
+            1 + TEMPORAL_FACTOR * (frames - 1),
+            height * SPATIAL_FACTOR,
+            width * SPATIAL_FACTOR,
+            dtype=torch.float32,
+            device=self.device if output_device is None else output_device,
+        )
+        row_weights = _blend_weights(plan.rows, SPATIAL_FACTOR)
+        col_weights = _blend_weights(plan.cols, SPATIAL_FACTOR)
+        total, done = frames * len(plan.rows) * len(plan.cols), 0
+        for (top, bottom), row_weight in zip(plan.rows, row_weights):
+            for (left, right), col_weight in zip(plan.cols, col_weights):
+                weight = (row_weight[:, None] * col_weight[None, :]).to(video.device)
+                cache = CausalCache()
+                for t in range(frames):
+                    pixels = self.decoder(z[:, :, t : t + 1, top:bottom, left:right], cache)
+                    first = 0 if t == 0 else 1 + TEMPORAL_FACTOR * (t - 1)
+                    target = video[
+                        :,
+                        :,
+                        first : first + pixels.shape[2],
+                        top * SPATIAL_FACTOR : bottom * SPATIAL_FACTOR,
+                        left * SPATIAL_FACTOR : right * SPATIAL_FACTOR,
+                    ]
+                    target += pixels.to(video.device, torch.float32) * weight
+                    done += 1
+                    if callback is not None:
+                        callback(done, total)
+        return video.clamp_(-1.0, 1.0)
+
+
+def check_video_shape(shape: torch.Size | tuple[int, ...]) -> None:
+    """Raise a ValueError naming valid sizes unless `shape` is `[B, 3, 4n+1, 8a, 8b]`."""
+    if len(shape) != 5 or shape[1] != 3:
+        raise ValueError(
+            f"the Wan VAE encodes videos shaped [B, 3, frames, height, width]; got {tuple(shape)}"
+        )
+    frames, height, width = shape[2:]
+    if frames < 1 or (frames - 1) % TEMPORAL_FACTOR:
+        below = 1 + (frames - 1) // TEMPORAL_FACTOR * TEMPORAL_FACTOR
+        choices = "1" if frames < 1 else f"{below} or {below + TEMPORAL_FACTOR}"
+        raise ValueError(
+            f"{frames} frames cannot be encoded: the Wan VAE takes 4n+1 frames (1, 5, 9, ..., 81); "
+            f"use {choices}"
+        )
+    for name, size in (("height", height), ("width", width)):
+        if size < SPATIAL_FACTOR or size % SPATIAL_FACTOR:
+            below = size - size % SPATIAL_FACTOR
+            above = below + SPATIAL_FACTOR
+            choices = f"{above}" if below < SPATIAL_FACTOR else f"{below} or {above}"
+            raise ValueError(f"video {name} {size} is not a multiple of 8; resize or crop it to {choices}")
+
+
+def check_latent_shape(shape: torch.Size | tuple[int, ...]) -> None:
+    if len(shape) != 5 or shape[1] != LATENT_CHANNELS or 0 in shape:
+        raise ValueError(
+            f"the Wan 2.1 VAE decodes latents shaped [B, 16, frames, height, width]; got {tuple(shape)}"
+        )
