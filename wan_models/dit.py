@@ -1,0 +1,311 @@
+"""The Wan 2.1 / 2.2 video DiT, with the numerics TurboDiffusion runs it with (TURBODIFFUSION.md §2).
+
+Module names equal the original / TurboDiffusion checkpoint keys, so such a state dict loads as it is
+(the patch embedding in TurboDiffusion's Linear form). The linears inside the blocks come from an injected
+factory (dense or int8) and the attention functions are injected too (contract in attention.py): this file
+imports no kernel.
+
+Precision, with the compute dtype being the dtype of `patch_embedding.weight` (bf16 for released files):
+time embedding, modulation arithmetic and the output head in float32; LayerNorm and q/k RMSNorm in float32,
+rounded to the compute dtype; the residual stream in the compute dtype with each gate rounded first; RoPE
+in float32. Norm weights may be stored in float32 while the rest is bf16; they are cast on use.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import WanDiTConfig
+from .linear_layers import LinearFactory
+from .rope import RopeTable, apply_rope
+
+AttentionFn = Callable[..., torch.Tensor]
+
+
+@dataclass(frozen=True)
+class AttentionFunctions:
+    """Attention cores, q/k/v in (B, L, heads, D). Self-attention also receives `proj_l=`."""
+
+    self_attention: AttentionFn
+    cross_attention: AttentionFn
+
+
+def sinusoidal_time_features(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """[cos | sin] of t * 10000^(-j / (dim/2)), computed in float64, returned as float32 [B, dim]."""
+    half = dim // 2
+    t = t.to(torch.float64)
+    frequencies = torch.pow(10000.0, -torch.arange(half, dtype=torch.float64, device=t.device) / half)
+    phases = torch.outer(t, frequencies)
+    return torch.cat([torch.cos(phases), torch.sin(phases)], dim=1).to(torch.float32)
+
+
+def linear_fp32(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """A linear layer evaluated in float32 whatever its stored dtype (autocast-to-float32 semantics)."""
+    bias = None if layer.bias is None else layer.bias.float()
+    return F.linear(x.float(), layer.weight.float(), bias)
+
+
+def layer_norm(x: torch.Tensor, eps: float, weight: torch.Tensor | None = None, bias=None) -> torch.Tensor:
+    """LayerNorm over the last dim computed in float32, rounded to x's dtype."""
+    weight = None if weight is None else weight.float()
+    bias = None if bias is None else bias.float()
+    return F.layer_norm(x.float(), x.shape[-1:], weight, bias, eps).to(x.dtype)
+
+
+def modulate(normed: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """normed * (1 + scale) + shift in float32, rounded to normed's dtype."""
+    return (normed.float() * (1 + scale) + shift).to(normed.dtype)
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm over the full hidden size; the weight multiply happens in float32 before the cast."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        normed = x32 * torch.rsqrt(x32.pow(2).mean(dim=-1, keepdim=True) + self.eps)
+        return (normed * self.weight.float()).to(x.dtype)
+
+
+class AffineLayerNorm(nn.Module):
+    """LayerNorm with weight and bias (the cross-attention norm `norm3`), in float32."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.bias = nn.Parameter(torch.zeros(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return layer_norm(x, self.eps, self.weight, self.bias)
+
+
+class SLAParameters(nn.Module):
+    """Holds TurboDiffusion's SLA projection under its checkpoint path `attn_op.local_attn.proj_l`."""
+
+    def __init__(self, head_dim: int) -> None:
+        super().__init__()
+        self.local_attn = nn.Module()
+        self.local_attn.proj_l = nn.Linear(head_dim, head_dim)
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, config: WanDiTConfig, linear_factory: LinearFactory) -> None:
+        super().__init__()
+        dim = config.dim
+        self.num_heads = config.num_heads
+        self.q = linear_factory(dim, dim)
+        self.k = linear_factory(dim, dim)
+        self.v = linear_factory(dim, dim)
+        self.o = linear_factory(dim, dim)
+        self.norm_q = RMSNorm(dim, config.eps)
+        self.norm_k = RMSNorm(dim, config.eps)
+        if config.has_sla_proj:
+            self.attn_op = SLAParameters(config.head_dim)
+
+    @property
+    def proj_l(self) -> nn.Module | None:
+        return self.attn_op.local_attn.proj_l if hasattr(self, "attn_op") else None
+
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attention: AttentionFn
+    ) -> torch.Tensor:
+        q = apply_rope(self.norm_q(self.q(x)).unflatten(-1, (self.num_heads, -1)), cos, sin)
+        k = apply_rope(self.norm_k(self.k(x)).unflatten(-1, (self.num_heads, -1)), cos, sin)
+        v = self.v(x).unflatten(-1, (self.num_heads, -1))
+        return self.o(attention(q, k, v, proj_l=self.proj_l).flatten(2))
+
+
+class CrossAttention(nn.Module):
+    def __init__(self, config: WanDiTConfig, linear_factory: LinearFactory) -> None:
+        super().__init__()
+        dim = config.dim
+        self.num_heads = config.num_heads
+        self.q = linear_factory(dim, dim)
+        self.k = linear_factory(dim, dim)
+        self.v = linear_factory(dim, dim)
+        self.o = linear_factory(dim, dim)
+        self.norm_q = RMSNorm(dim, config.eps)
+        self.norm_k = RMSNorm(dim, config.eps)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor, attention: AttentionFn) -> torch.Tensor:
+        q = self.norm_q(self.q(x)).unflatten(-1, (self.num_heads, -1))
+        k = self.norm_k(self.k(context)).unflatten(-1, (self.num_heads, -1))
+        v = self.v(context).unflatten(-1, (self.num_heads, -1))
+        return self.o(attention(q, k, v).flatten(2))
+
+
+class WanBlock(nn.Module):
+    def __init__(self, config: WanDiTConfig, linear_factory: LinearFactory) -> None:
+        super().__init__()
+        self.eps = config.eps
+        self.modulation = nn.Parameter(torch.zeros(1, 6, config.dim))
+        self.self_attn = SelfAttention(config, linear_factory)
+        self.norm3 = AffineLayerNorm(config.dim, config.eps)
+        self.cross_attn = CrossAttention(config, linear_factory)
+        self.ffn = nn.Sequential(
+            linear_factory(config.dim, config.ffn_dim),
+            nn.GELU(approximate="tanh"),
+            linear_factory(config.ffn_dim, config.dim),
+        )
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        e0: torch.Tensor,
+        context: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        attention: AttentionFunctions,
+    ) -> torch.Tensor:
+        shift_sa, scale_sa, gate_sa, shift_ff, scale_ff, gate_ff = (self.modulation.float() + e0).chunk(
+            6, dim=1
+        )
+        attended = self.self_attn(
+            modulate(layer_norm(x, self.eps), shift_sa, scale_sa), cos, sin, attention.self_attention
+        )
+        x = x + attended * gate_sa.to(x.dtype)
+        x = x + self.cross_attn(self.norm3(x), context, attention.cross_attention)
+        return x + self.ffn(modulate(layer_norm(x, self.eps), shift_ff, scale_ff)) * gate_ff.to(x.dtype)
+
+
+class Head(nn.Module):
+    def __init__(self, config: WanDiTConfig) -> None:
+        super().__init__()
+        self.eps = config.eps
+        self.head = nn.Linear(config.dim, config.out_dim * config.patch_volume)
+        self.modulation = nn.Parameter(torch.zeros(1, 2, config.dim))
+
+    def forward(self, x: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+        """Float32 output [B, L, patch_volume * out_dim]; uses the time embedding e, not its projection."""
+        shift, scale = (self.modulation.float() + e.unsqueeze(1)).chunk(2, dim=1)
+        return linear_fp32(self.head, layer_norm(x, self.eps).float() * (1 + scale) + shift)
+
+
+class WanDiT(nn.Module):
+    """Wan DiT: `model(x, t, context, y=None)` -> float32 velocity [B, out_dim, T, H, W].
+
+    x: latent [B, 16, T, H, W]; t: [B] flow time on the 0-1000 scale, used as given (the sampler rounds it);
+    context: text features [B, 512, text_dim]; y: image conditioning [B, in_dim - 16, T, H, W], required by
+    image-to-video models (in_dim 36) and refused by text-to-video ones.
+    """
+
+    def __init__(
+        self,
+        config: WanDiTConfig,
+        *,
+        self_attention: AttentionFn,
+        cross_attention: AttentionFn,
+        linear_factory: LinearFactory = nn.Linear,
+    ) -> None:
+        super().__init__()
+        self.config = config
+        self.attention = AttentionFunctions(self_attention, cross_attention)
+        self.rope = RopeTable(config.head_dim)
+        self.source: str | None = None  # the checkpoint the weights came from, for error messages
+        dim = config.dim
+        self.patch_embedding = nn.Linear(config.in_dim * config.patch_volume, dim)
+        self.text_embedding = nn.Sequential(
+            nn.Linear(config.text_dim, dim), nn.GELU(approximate="tanh"), nn.Linear(dim, dim)
+        )
+        self.time_embedding = nn.Sequential(nn.Linear(config.freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+        self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
+        self.blocks = nn.ModuleList(WanBlock(config, linear_factory) for _ in range(config.num_layers))
+        self.head = Head(config)
+
+    @property
+    def kind(self) -> str:
+        """ "t2v" or "i2v" (a Wan2.2 A14B expert taking 20 image-conditioning channels)."""
+        return self.config.kind
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        return self.patch_embedding.weight.dtype
+
+    def set_self_attention(self, fn: AttentionFn) -> None:
+        """Swap the self-attention core (e.g. per sampling run); cross-attention stays as it is."""
+        self.attention = dataclasses.replace(self.attention, self_attention=fn)
+
+    def forward(
+        self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, y: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        self._check_inputs(x, t, context, y)
+        dtype = self.compute_dtype
+        x = x.to(dtype) if y is None else torch.cat([x.to(dtype), y.to(dtype)], dim=1)
+        grid = tuple(size // patch for size, patch in zip(x.shape[2:], self.config.patch_size))
+        tokens = self.patch_embedding(patchify(x, self.config.patch_size))
+
+        time_features = sinusoidal_time_features(t.reshape(-1).expand(x.shape[0]), self.config.freq_dim)
+        e = linear_fp32(self.time_embedding[2], F.silu(linear_fp32(self.time_embedding[0], time_features)))
+        e0 = linear_fp32(self.time_projection[1], F.silu(e)).unflatten(1, (6, self.config.dim))
+        text = self.text_embedding(context.to(dtype))
+        cos, sin = self.rope(grid, x.device)
+
+        for block in self.blocks:
+            tokens = block(tokens, e0, text, cos, sin, self.attention)
+        return unpatchify(self.head(tokens, e), grid, self.config.patch_size, self.config.out_dim)
+
+    def _check_inputs(
+        self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, y: torch.Tensor | None
+    ) -> None:
+        config = self.config
+        if x.dim() != 5 or x.shape[1] != config.out_dim:
+            raise ValueError(
+                f"x has shape {tuple(x.shape)}; the Wan DiT expects a latent [B, {config.out_dim}, T, H, W]"
+            )
+        batch, _, frames, height, width = x.shape
+        pt, ph, pw = config.patch_size
+        if frames % pt or height % ph or width % pw:
+            raise ValueError(
+                f"latent size T={frames}, H={height}, W={width} is not divisible by the patch size "
+                f"{config.patch_size}; use image sizes that are multiples of 16"
+            )
+        if config.kind == "i2v" and y is None:
+            raise ValueError(
+                f"this is an image-to-video model (in_dim {config.in_dim}); pass y, the "
+                f"{config.condition_dim}-channel image conditioning"
+            )
+        if config.kind == "t2v" and y is not None:
+            raise ValueError(
+                f"this is a text-to-video model (in_dim {config.in_dim}); it takes no image conditioning y"
+            )
+        y_shape = (batch, config.condition_dim, frames, height, width)
+        if y is not None and tuple(y.shape) != y_shape:
+            raise ValueError(f"y has shape {tuple(y.shape)}; expected {y_shape}")
+        if context.dim() != 3 or context.shape[0] != batch or context.shape[2] != config.text_dim:
+            raise ValueError(
+                f"context has shape {tuple(context.shape)}; expected [{batch}, 512, {config.text_dim}] "
+                f"text-encoder features"
+            )
+        if t.numel() not in (1, batch):
+            raise ValueError(f"t has {t.numel()} values for a batch of {batch}; pass one time per sample")
+
+
+def patchify(x: torch.Tensor, patch_size: tuple[int, int, int]) -> torch.Tensor:
+    """[B, C, T, H, W] -> [B, L, C*pt*ph*pw]: tokens in (t, h, w) order, features in (c, kt, kh, kw) order."""
+    batch, channels, frames, height, width = x.shape
+    pt, ph, pw = patch_size
+    x = x.reshape(batch, channels, frames // pt, pt, height // ph, ph, width // pw, pw)
+    x = x.permute(0, 2, 4, 6, 1, 3, 5, 7)
+    return x.reshape(batch, -1, channels * pt * ph * pw)
+
+
+def unpatchify(
+    tokens: torch.Tensor, grid: tuple[int, int, int], patch_size: tuple[int, int, int], channels: int
+) -> torch.Tensor:
+    """[B, L, pt*ph*pw*C] with features in (kt, kh, kw, c) order -> [B, C, T, H, W]."""
+    frames, rows, columns = grid
+    pt, ph, pw = patch_size
+    x = tokens.reshape(tokens.shape[0], frames, rows, columns, pt, ph, pw, channels)
+    x = x.permute(0, 7, 1, 4, 2, 5, 3, 6)
+    return x.reshape(tokens.shape[0], channels, frames * pt, rows * ph, columns * pw)
