@@ -10,6 +10,7 @@ from comfy import model_management as mm
 
 from .. import wan_models
 from ..wan_models.sampler import I2V_IN_DIM, MAX_STEPS, SAMPLER_MODES
+from ..wan_models.text_encoder import pad_context_to_512
 from .comfy_conditioning import single_context, start_image_condition
 from .comfy_latent import to_comfy_latent
 from .model_patchers import TurboPatcher, load_to_device, reconcile_after_sampling
@@ -149,7 +150,7 @@ class TD_RCMSampler:
         context, options = single_context(positive, NODE)
         condition = start_image_condition(options, shape, NODE)
         _check_pairing(model, condition, context)
-        context = wan_models.pad_context(context)
+        context = pad_context_to_512(context)
         experts = [model] if low_noise_model is None else [model, low_noise_model]
         load_to_device(model)
         progress = comfy.utils.ProgressBar(steps)

@@ -35,18 +35,35 @@ class TD_VAEDecode:
                     "LATENT",
                     {"tooltip": "A Wan video latent: TD_RCMSampler, or core nodes with the Wan VAE."},
                 ),
-            }
+            },
+            "optional": {
+                "tile_size": (
+                    "INT",
+                    {
+                        "default": 0,
+                        "min": 0,
+                        "max": 512,
+                        "step": 8,
+                        "tooltip": "0 decodes whole frames (as TurboDiffusion). Otherwise the side of "
+                        "spatial tiles in latent pixels (x8 in the video), blended at the seams: less "
+                        "memory, slightly different pixels.",
+                    },
+                ),
+            },
         }
 
-    def decode(self, vae, samples):
+    def decode(self, vae, samples, tile_size=0):
         latent = from_comfy_latent(samples)
         load_to_device(vae)
-        progress = comfy.utils.ProgressBar(latent.shape[0] * latent.shape[2])
+        progress = comfy.utils.ProgressBar(latent.shape[2])
         video = vae.model.decode(
-            latent.to(vae.load_device), callback=lambda done, total: progress.update_absolute(done, total)
+            latent,
+            tile_size=tile_size or None,
+            callback=lambda done, total: progress.update_absolute(done, total),
+            output_device=mm.intermediate_device(),
         )
-        frames = ((video.float().clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 4, 1)
-        return (frames.reshape(-1, *frames.shape[2:]).to(mm.intermediate_device()),)
+        frames = ((video.clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 4, 1)
+        return (frames.reshape(-1, *frames.shape[2:]),)
 
 
 class TD_SaveVideo:
