@@ -8,6 +8,7 @@ transforms import (COMFYUI_HOST.md §1.3). Returns None when torchvision is not 
 from __future__ import annotations
 
 import importlib.util
+import sys
 from types import ModuleType
 
 import torch
@@ -30,6 +31,8 @@ def import_transforms_v2() -> ModuleType | None:
         try:
             import torchvision  # noqa: F401  (a matching build registers its ops itself)
         except RuntimeError:
+            for name in [name for name in sys.modules if name.split(".")[0] == "torchvision"]:
+                del sys.modules[name]  # drop the half-imported package before importing it again
             library = torch.library.Library("torchvision", "DEF")
             library.define("nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
             library.define("qnms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
