@@ -10,48 +10,22 @@ the decoder's last conv is scaled by 0.3 so that the [-1, 1] clamp rarely trigge
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import torch
 from comfyui_turbodiffusion.wan_models.vae import WanVAE
 from pipeline_torchvision import import_transforms_v2
+from safetensors.torch import save_file
 
 # TURBODIFFUSION.md section 7.3, written out here so the module's own constants are checked too.
 SPEC_MEAN = [
-    -0.7571,
-    -0.7089,
-    -0.9113,
-    0.1075,
-    -0.1745,
-    0.9653,
-    -0.1517,
-    1.5508,
-    0.4134,
-    -0.0715,
-    0.5517,
-    -0.3632,
-    -0.1922,
-    -0.9497,
-    0.2503,
-    -0.2921,
-]
+    -0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
+    0.4134, -0.0715, 0.5517, -0.3632, -0.1922, -0.9497, 0.2503, -0.2921,
+]  # fmt: skip
 SPEC_STD = [
-    2.8184,
-    1.4541,
-    2.3275,
-    2.6558,
-    1.2196,
-    1.7708,
-    2.6052,
-    2.0743,
-    3.2687,
-    2.1526,
-    2.8652,
-    1.5579,
-    1.6382,
-    1.1253,
-    2.8251,
-    1.9160,
-]
+    2.8184, 1.4541, 2.3275, 2.6558, 1.2196, 1.7708, 2.6052, 2.0743,
+    3.2687, 2.1526, 2.8652, 1.5579, 1.6382, 1.1253, 2.8251, 1.9160,
+]  # fmt: skip
 
 DECODER_OUT_KEYS = ("decoder.head.2.weight", "decoder.head.2.bias")
 
@@ -100,3 +74,16 @@ def reference_decode(model, latent: torch.Tensor) -> torch.Tensor:
     """diffusers decode (clamped to [-1, 1]) of the de-normalised latent."""
     mean, std = latent_stats()
     return model.decode(latent * std + mean).sample
+
+
+def write_vae_files(state: dict[str, torch.Tensor], reference, folder: Path) -> dict[str, Path]:
+    """The same weights as Wan2.1_VAE.pth, ComfyUI safetensors (original names) and a diffusers folder."""
+    paths = {
+        "original_pth": folder / "Wan2.1_VAE.pth",
+        "comfyui_safetensors": folder / "wan_2.1_vae.safetensors",
+        "diffusers_folder": folder / "diffusers_vae",
+    }
+    torch.save(dict(state), paths["original_pth"])
+    save_file({key: value.contiguous() for key, value in state.items()}, str(paths["comfyui_safetensors"]))
+    reference.save_pretrained(paths["diffusers_folder"])
+    return paths
