@@ -73,7 +73,7 @@ def test_t2v_end_to_end_matches_the_spec_loop():
     assert result.frames.min() >= 0 and result.frames.max() <= 1 and (result.frames == 1).any()
     assert (result.width, result.height, result.num_frames, result.fps, result.seed) == (48, 32, 9, 16, 5)
     assert result.steps_per_model == {"model": 3}
-    assert set(result.timings) == {"text_encoding", "sampling", "expert_swap", "vae_decoding", "total"}
+    assert set(result.timings) == {"text_encoding", "sampling", "model_transfer", "vae_decoding", "total"}
     assert all(v >= 0 for v in result.timings.values())
     assert result.timings["total"] >= result.timings["sampling"] + result.timings["vae_decoding"]
 
@@ -142,7 +142,14 @@ def test_i2v_end_to_end_matches_the_spec_loop(steps, high_runs):
     assert result.steps_per_model.get("high_noise") == high_runs
     assert result.steps_per_model.get("low_noise", 0) == steps - high_runs
     assert result.frames.shape == (9, 16, 32, 3)
-    stages = {"text_encoding", "vae_encoding", "sampling_high_noise", "expert_swap", "vae_decoding", "total"}
+    stages = {
+        "text_encoding",
+        "vae_encoding",
+        "sampling_high_noise",
+        "model_transfer",
+        "vae_decoding",
+        "total",
+    }
     assert stages <= set(result.timings)
     assert ("sampling_low_noise" in result.timings) == (steps > 2)
 

@@ -184,7 +184,7 @@ def test_generate_i2v_end_to_end(dit_files, vae):
     assert first.frames.shape == (5, 16, 32, 3)
     assert torch.equal(first.frames, again.frames)
     assert first.steps_per_model == {"high_noise": 2, "low_noise": 2}
-    stages = {"vae_encoding", "sampling_high_noise", "sampling_low_noise", "expert_swap", "vae_decoding"}
+    stages = {"vae_encoding", "sampling_high_noise", "sampling_low_noise", "model_transfer", "vae_decoding"}
     assert stages <= set(first.timings)
 
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .attention import make_self_attention
-from .i2v import ImageLike, build_i2v_condition, image_size, module_device, move_module, preprocess_image
+from .i2v import ImageLike, build_i2v_condition, image_size, module_device, preprocess_image
 from .resolution import FPS, adaptive_size, latent_shape, preset_size, validate_num_frames, validate_size
 from .sampler import (
     I2V_IN_DIM,
@@ -32,10 +32,15 @@ SIGMA_MAX_I2V = 200.0
 
 @dataclass
 class GenerationResult:
-    """Frames [F, H, W, 3] float32 in [0, 1] on the CPU (several samples side by side along W), the
-    sampler's final latent, and seconds per stage: text_encoding, vae_encoding (I2V), sampling (T2V) or
-    sampling_high_noise / sampling_low_noise (I2V), expert_swap, vae_decoding and total. Stages that did not
-    run (e.g. text encoding with a precomputed context) are absent."""
+    """What a generation produced and how long each stage took.
+
+    `frames`: [F, H, W, 3] float32 in [0, 1] on the CPU (several samples side by side along W).
+    `latent`: the sampler's final latent. `timings`: seconds per stage, each measured with the devices
+    synchronised: text_encoding, vae_encoding (I2V), sampling (one model) or sampling_high_noise /
+    sampling_low_noise (expert pair), model_transfer (moves to the sampling device and expert swaps),
+    vae_decoding, and total. Stages that did not run (e.g. text encoding with a precomputed context) are
+    absent. `steps_per_model`: how many sampler steps each model ran.
+    """
 
     frames: torch.Tensor
     latent: torch.Tensor
@@ -51,8 +56,8 @@ class GenerationResult:
 class _StageClock:
     """Seconds per named stage, with CUDA devices synchronised before each reading."""
 
-    def __init__(self, modules: Sequence[torch.nn.Module | None]) -> None:
-        devices = {module_device(module) for module in modules if module is not None}
+    def __init__(self, device: torch.device, modules: Sequence[torch.nn.Module | None]) -> None:
+        devices = {device} | {module_device(module) for module in modules if module is not None}
         self.cuda_devices = {device for device in devices if device.type == "cuda"}
         self.seconds: dict[str, float] = {}
         self.start = self.now()
@@ -129,7 +134,8 @@ def _restore_placement(models: Sequence[torch.nn.Module]) -> Iterator[None]:
         yield
     finally:
         for model, home in zip(models, homes):
-            move_module(model, home)
+            if module_device(model) != home:
+                model.to(home)  # blocking: the weights are usable on `home` when this returns
 
 
 def _sample_and_decode(
@@ -158,7 +164,7 @@ def _sample_and_decode(
             **sampler_options,
         )
     clock.seconds.update({_sampling_stage(label): s for label, s in stats.seconds_per_model.items()})
-    clock.seconds["expert_swap"] = stats.swap_seconds
+    clock.seconds["model_transfer"] = stats.transfer_seconds
     with clock.stage("vae_decoding"):
         video = vae.decode(latent.to(module_device(vae)))
     return latent, video, stats
@@ -231,7 +237,7 @@ def generate_t2v(
     size = _resolve_size(resolution, aspect_ratio, width, height)
     _require_in_dim(dit, T2V_IN_DIM, "DiT", "a Wan2.2 I2V expert runs with generate_i2v")
     device = torch.device(device) if device is not None else module_device(dit)
-    clock = _StageClock([dit, vae, text_encoder])
+    clock = _StageClock(device, [dit, vae, text_encoder])
     context = _text_context(clock, text_encoder, prompt, context)
     latent, video, stats = _sample_and_decode(
         clock,
@@ -298,7 +304,7 @@ def generate_i2v(
             expert, I2V_IN_DIM, role, "load a Wan2.2 I2V A14B expert; T2V models run with generate_t2v"
         )
     device = torch.device(device) if device is not None else module_device(high_noise_dit)
-    clock = _StageClock([*experts, vae, text_encoder])
+    clock = _StageClock(device, [*experts, vae, text_encoder])
     context = _text_context(clock, text_encoder, prompt, context)
     with clock.stage("vae_encoding"):
         y = build_i2v_condition(vae, preprocess_image(image, *size), num_frames)

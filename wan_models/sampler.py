@@ -34,13 +34,14 @@ class SamplingStats:
     """What a sampling run did: the model used per step, network timesteps and wall-clock seconds.
 
     Model labels are "high_noise"/"low_noise" with an expert pair, "model" otherwise. Seconds are measured
-    with the device synchronised; `swap_seconds` is the time spent moving experts between devices.
+    with the device synchronised; `transfer_seconds` is the time spent moving models to the sampling device
+    and, with an expert pair, swapping the experts.
     """
 
     step_models: list[str] = field(default_factory=list)
     timesteps: list[float] = field(default_factory=list)
     seconds_per_model: dict[str, float] = field(default_factory=dict)
-    swap_seconds: float = 0.0
+    transfer_seconds: float = 0.0
 
     @property
     def steps_per_model(self) -> dict[str, int]:
@@ -261,7 +262,7 @@ def rcm_sample(
 
     clock = _Clock(device)
     experts = ExpertSwitch(model, low_noise_model, boundary, device)
-    stats.swap_seconds += clock.lap()
+    stats.transfer_seconds += clock.lap()
     t_grid = rcm_time_grid(steps, sigma_max, device=device)
     generator = torch.Generator(device=device)
     generator.manual_seed(seed)
@@ -270,7 +271,7 @@ def rcm_sample(
     for i in range(steps):
         t_cur, t_next = t_grid[i], t_grid[i + 1]
         label, net = experts.select(t_cur.item())
-        stats.swap_seconds += clock.lap()
+        stats.transfer_seconds += clock.lap()
         timestep = network_timestep(t_cur, batch)
         velocity = net(x.to(dtype), timestep, context, **extra).to(torch.float64)
         if mode == "ode":
