@@ -103,23 +103,28 @@ def diffusers_forward(model, x, t, context, y=None) -> torch.Tensor:
         return model(hidden, t, context, return_dict=False)[0].float()
 
 
+def original_name(diffusers_key: str) -> str:
+    """The original / ComfyUI / TurboDiffusion name of a diffusers WanTransformer3DModel key."""
+    if diffusers_key == "scale_shift_table":
+        return "head.modulation"
+    if diffusers_key.endswith(".scale_shift_table"):
+        return diffusers_key.replace("scale_shift_table", "modulation")
+    block = re.match(r"blocks\.(\d+)\.(.+)\.(weight|bias)$", diffusers_key)
+    if block:
+        index, module, parameter = block.groups()
+        return f"blocks.{index}.{BLOCK_NAMES[module]}.{parameter}"
+    module, parameter = diffusers_key.rsplit(".", 1)
+    return f"{TOP_LEVEL_NAMES[module]}.{parameter}"
+
+
 def to_original_layout(diffusers_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Original Wan / ComfyUI key names (5-D patch embedding) from a diffusers state dict."""
-    out = {}
-    for key, tensor in diffusers_state.items():
-        block = re.match(r"blocks\.(\d+)\.(.+)\.(weight|bias)$", key)
-        if key == "scale_shift_table":
-            out["head.modulation"] = tensor
-        elif key.endswith(".scale_shift_table"):
-            out[key.replace("scale_shift_table", "modulation")] = tensor
-        elif block:
-            index, module, parameter = block.groups()
-            out[f"blocks.{index}.{BLOCK_NAMES[module]}.{parameter}"] = tensor
-        else:
-            module, parameter = key.rsplit(".", 1)
-            out[f"{TOP_LEVEL_NAMES[module]}.{parameter}"] = tensor
-    assert len(out) == len(diffusers_state)
-    return out
+    return {original_name(key): tensor for key, tensor in diffusers_state.items()}
+
+
+def from_original_layout(original: dict[str, torch.Tensor], diffusers_keys) -> dict[str, torch.Tensor]:
+    """A diffusers state dict holding the tensors of an original-layout state dict."""
+    return {key: original[original_name(key)] for key in diffusers_keys}
 
 
 def to_turbodiffusion_layout(original: dict[str, torch.Tensor], seed: int = 5) -> dict[str, torch.Tensor]:

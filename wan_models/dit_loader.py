@@ -163,7 +163,8 @@ def _load(
     metadata = read_safetensors_metadata(path)
     fp8 = has_comfy_fp8(state, metadata)
     if fp8:
-        state = dequantize_comfy_fp8(state, metadata, dtype or FP8_COMPUTE_DTYPE)
+        dtype = dtype or FP8_COMPUTE_DTYPE
+        state = dequantize_comfy_fp8(state, metadata, dtype)
     layout, weights = _read_layout(state, fp8)
     del state
     dtype = dtype or weights["patch_embedding.weight"].dtype
