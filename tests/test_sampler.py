@@ -65,7 +65,7 @@ def test_t2v_sampling_is_bit_exact_with_spec_loop(steps, mode, dtype):
     context = _context()
     out = rcm_sample(model, context, SHAPE, seed=123, steps=steps, sigma_max=80.0, mode=mode)
     reference = MockVelocity(seed=11, dtype=dtype)
-    expected, used, states = spec_sample(
+    expected, used, _ = spec_sample(
         reference, None, context, SHAPE, seed=123, steps=steps, sigma_max=80.0, ode=mode == "ode"
     )
     assert out.dtype == torch.float32 and out.shape == SHAPE
