@@ -316,7 +316,10 @@ def _check_keys_and_shapes(weights: Mapping[str, torch.Tensor], model: WanDiT, l
 def _unknown_layout_message(weights: Mapping[str, torch.Tensor]) -> str:
     best = None
     for prefix in PREFIXES_TO_TRY:
-        names = {_skeleton(key[len(prefix) :]): key for key in weights if key.startswith(prefix)}
+        names: dict[str, str] = {}
+        for key in sorted(weights):
+            if key.startswith(prefix):
+                names.setdefault(_skeleton(key[len(prefix) :]), key)
         for family, skeleton in _family_skeletons().items():
             score = len(names.keys() & skeleton) / max(len(names.keys() | skeleton), 1)
             if best is None or score > best[0]:
