@@ -20,14 +20,17 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
-from transformers import UMT5Config, UMT5EncoderModel
 
 from .checkpoint_io import CheckpointError, read_safetensors_metadata, read_state_dict
 from .fp8_formats import dequantize_comfy_fp8, has_comfy_fp8
 from .tokenizer import SPIECE_TENSOR_KEY, TEXT_LEN, PromptTokenizer, resolve_tokenizer
+
+if TYPE_CHECKING:  # transformers is imported when a model is built, not when this module is
+    from transformers import UMT5Config, UMT5EncoderModel
 
 COMFY_PREFIX = "text_encoders.umt5xxl.transformer."
 EMBEDDING_KEY = "shared.weight"
@@ -138,6 +141,8 @@ def load_text_encoder(
         read_state_dict(path), read_safetensors_metadata(path), dtype, path.name
     )
     config = umt5_config_from_state_dict(weights.state)
+    model = build_umt5_encoder(config)
+    check_state_matches(model, weights.state, path.name)
     text_tokenizer = resolve_tokenizer(
         weights.spiece_model,
         _tokenizer_search_paths(path, tokenizer),
@@ -149,8 +154,6 @@ def load_text_encoder(
             f"the tokenizer from {text_tokenizer.source} has {text_tokenizer.vocab_size} pieces, more than "
             f"the {config.vocab_size} embeddings of {path.name}; it belongs to another model, use umT5's"
         )
-    model = build_umt5_encoder(config)
-    check_state_matches(model, weights.state, path.name)
     _assign_weights(model, weights.state, device, dtype)
     return UMT5TextEncoder(model, text_tokenizer)
 
@@ -202,6 +205,8 @@ def detect_text_encoder_layout(state: Mapping[str, torch.Tensor], source: str = 
 
 def umt5_config_from_state_dict(state: Mapping[str, torch.Tensor]) -> UMT5Config:
     """The configuration of the encoder whose (transformers-named) tensors are given; reads only shapes."""
+    from transformers import UMT5Config
+
     vocab_size, d_model = state[EMBEDDING_KEY].shape
     num_layers = len({int(m.group(1)) for key in state if (m := re.match(r"encoder\.block\.(\d+)\.", key))})
     num_buckets, num_heads = state[RELATIVE_BIAS_KEY.format(0)].shape
@@ -230,6 +235,8 @@ def umt5_config_from_state_dict(state: Mapping[str, torch.Tensor]) -> UMT5Config
 
 def build_umt5_encoder(config: UMT5Config) -> UMT5EncoderModel:
     """An empty (meta-device) encoder, to be filled with `load_state_dict(assign=True)`."""
+    from transformers import UMT5EncoderModel
+
     with torch.device("meta"):
         return UMT5EncoderModel(config).eval()
 

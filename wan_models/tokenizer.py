@@ -115,24 +115,29 @@ class PromptTokenizer:
 
 def resolve_tokenizer(
     spiece_tensor: torch.Tensor | None,
-    search_folders: Sequence[Path],
+    search_paths: Sequence[Path],
     *,
     allow_download: bool = False,
     hf_cache_dir: str | Path | None = None,
 ) -> PromptTokenizer:
-    """The umT5 tokenizer from the first place that has one (see the module docstring)."""
+    """The umT5 tokenizer from the first place that has one (see the module docstring).
+
+    `search_paths` are folders to look into for the files of `TOKENIZER_FILES`, or tokenizer files themselves.
+    """
     if spiece_tensor is not None:
         return PromptTokenizer.from_sentencepiece(
             spiece_tensor.cpu().numpy().tobytes(), f"the checkpoint's '{SPIECE_TENSOR_KEY}' tensor"
         )
-    for folder in search_folders:
+    for folder in search_paths:
+        if folder.is_file():
+            return PromptTokenizer.from_file(folder)
         for name in TOKENIZER_FILES:
             if (folder / name).is_file():
                 return PromptTokenizer.from_file(folder / name)
     cached = _hugging_face_file(allow_download, hf_cache_dir)
     if cached is not None:
         return PromptTokenizer.from_file(cached)
-    searched = ", ".join(str(folder) for folder in search_folders) or "(no folder)"
+    searched = ", ".join(str(folder) for folder in search_paths) or "(no folder)"
     raise CheckpointError(
         "No umT5 tokenizer found. Looked for: (1) a 'spiece_model' tensor inside the checkpoint (ComfyUI's "
         f"umt5_xxl_*.safetensors files carry one); (2) tokenizer.json or spiece.model in {searched}; "
