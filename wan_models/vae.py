@@ -19,9 +19,10 @@ to it, the latent mean and 1/std are made in it, and results come back as float3
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -265,6 +266,14 @@ class DecodePlan:
     def tiled(self) -> bool:
         return len(self.rows) * len(self.cols) > 1
 
+    def tiles(self) -> Iterator[tuple[tuple[int, int], tuple[int, int], torch.Tensor]]:
+        """(rows, columns, blend weight over the tile's video pixels) per tile; the weights sum to 1."""
+        row_weights = _blend_weights(self.rows, SPATIAL_FACTOR)
+        col_weights = _blend_weights(self.cols, SPATIAL_FACTOR)
+        for rows, row_weight in zip(self.rows, row_weights):
+            for cols, col_weight in zip(self.cols, col_weights):
+                yield rows, cols, row_weight[:, None] * col_weight[None, :]
+
     def describe(self) -> str:
         if not self.tiled:
             return "untiled, one latent frame at a time"
@@ -386,35 +395,25 @@ class WanVAE(nn.Module):
         z = self.conv2(latent.to(self.device, self.dtype) / inv_std + mean)
         batch, _, frames, height, width = z.shape
         video = torch.zeros(
-            batch,
-            3,
-            1 + TEMPORAL_FACTOR * (frames - 1),
-            height * SPATIAL_FACTOR,
-            width * SPATIAL_FACTOR,
+            (batch, 3, 1 + TEMPORAL_FACTOR * (frames - 1), height * SPATIAL_FACTOR, width * SPATIAL_FACTOR),
             dtype=torch.float32,
             device=self.device if output_device is None else output_device,
         )
-        row_weights = _blend_weights(plan.rows, SPATIAL_FACTOR)
-        col_weights = _blend_weights(plan.cols, SPATIAL_FACTOR)
-        total, done = frames * len(plan.rows) * len(plan.cols), 0
-        for (top, bottom), row_weight in zip(plan.rows, row_weights):
-            for (left, right), col_weight in zip(plan.cols, col_weights):
-                weight = (row_weight[:, None] * col_weight[None, :]).to(video.device)
-                cache = CausalCache()
-                for t in range(frames):
-                    pixels = self.decoder(z[:, :, t : t + 1, top:bottom, left:right], cache)
-                    first = 0 if t == 0 else 1 + TEMPORAL_FACTOR * (t - 1)
-                    target = video[
-                        :,
-                        :,
-                        first : first + pixels.shape[2],
-                        top * SPATIAL_FACTOR : bottom * SPATIAL_FACTOR,
-                        left * SPATIAL_FACTOR : right * SPATIAL_FACTOR,
-                    ]
-                    target += pixels.to(video.device, torch.float32) * weight
-                    done += 1
-                    if callback is not None:
-                        callback(done, total)
+        steps, total = itertools.count(1), frames * len(plan.rows) * len(plan.cols)
+        for (top, bottom), (left, right), weight in plan.tiles():
+            tile_video = video[
+                ...,
+                top * SPATIAL_FACTOR : bottom * SPATIAL_FACTOR,
+                left * SPATIAL_FACTOR : right * SPATIAL_FACTOR,
+            ]
+            weight = weight.to(video.device)
+            cache, first = CausalCache(), 0
+            for t in range(frames):
+                decoded = self.decoder(z[:, :, t : t + 1, top:bottom, left:right], cache).to(video.device)
+                tile_video[:, :, first : first + decoded.shape[2]] += decoded.float() * weight
+                first += decoded.shape[2]
+                if callback is not None:
+                    callback(next(steps), total)
         return video.clamp_(-1.0, 1.0)
 
 
