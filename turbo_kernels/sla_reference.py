@@ -178,8 +178,8 @@ def linear_branch(
     phi_k = torch.softmax(kh.to(ct), dim=-1)
     kv = phi_k.transpose(1, 2) @ vh.to(ct)
     normaliser = phi_q @ phi_k.sum(dim=1)[:, :, None] + LINEAR_EPS
-    bias = None if proj_l.bias is None else proj_l.bias.to(ct)
-    return F.linear((phi_q @ kv) / normaliser, proj_l.weight.to(ct), bias)
+    bias = None if proj_l.bias is None else proj_l.bias.detach().to(ct)
+    return F.linear((phi_q @ kv) / normaliser, proj_l.weight.detach().to(ct), bias)
 
 
 def sla_attention_reference(

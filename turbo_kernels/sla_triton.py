@@ -28,8 +28,8 @@ def fold_projection(
     q: torch.Tensor, kv: torch.Tensor, z: torch.Tensor, proj_l: torch.nn.Module
 ) -> LinearEpilogue:
     """proj_l folded into the linear-branch state: KV' = KV·Wᵀ (bf16), so the epilogue needs one small dot."""
-    weight = proj_l.weight.to(device=kv.device, dtype=torch.float32)
-    bias = proj_l.bias
+    weight = proj_l.weight.detach().to(device=kv.device, dtype=torch.float32)
+    bias = None if proj_l.bias is None else proj_l.bias.detach()
     bias = (
         torch.zeros(weight.shape[0], device=kv.device) if bias is None else bias.to(kv.device, torch.float32)
     )

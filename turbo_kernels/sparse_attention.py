@@ -339,9 +339,13 @@ def bf16_sparse_attention(
     *,
     linear: LinearEpilogue | None = None,
     config: KernelConfig | None = None,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """`sla` sparse branch (+ fused linear branch): bf16/fp16 q, k, v (B, L, H, D) -> (B, L, H, D)."""
-    out = torch.empty_like(q)
+    """`sla` sparse branch (+ fused linear branch): bf16/fp16 q, k, v (B, L, H, D) -> (B, L, H, D).
+
+    Writes into `out` when given (any (B, L, H, D) tensor with a contiguous last axis).
+    """
+    out = torch.empty_like(q) if out is None else out
     config = config or default_config(q.device)
     config = KernelConfig(min(config.block_m, blkq), config.num_warps, config.num_stages)
     return _launch(
