@@ -161,3 +161,11 @@ def test_tokenizer_larger_than_the_embedding_is_refused(tmp_path):
     path = write_comfy_safetensors(tmp_path / "umt5.safetensors", small_model, spiece=tokenizer_model_bytes())
     with pytest.raises(CheckpointError, match="pieces, more than the 300 embeddings"):
         load_text_encoder(path)
+
+
+def test_single_prompt_string_and_empty_list(tmp_path):
+    tokenizer = PromptTokenizer.from_file(write_tokenizer_folder(tmp_path) / "spiece.model")
+    ids, mask = tokenizer("A red fox")
+    assert ids.shape == mask.shape == (1, 512)
+    with pytest.raises(ValueError, match="at least one prompt"):
+        tokenizer([])

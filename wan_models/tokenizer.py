@@ -104,6 +104,8 @@ class PromptTokenizer:
     def __call__(self, prompts: Sequence[str], text_len: int = TEXT_LEN) -> tuple[torch.Tensor, torch.Tensor]:
         if isinstance(prompts, str):
             prompts = [prompts]
+        if not prompts:
+            raise ValueError("no prompt to tokenize: give a list of at least one prompt")
         ids = torch.full((len(prompts), text_len), self.pad_id, dtype=torch.long)
         mask = torch.zeros((len(prompts), text_len), dtype=torch.long)
         for row, prompt in enumerate(prompts):
