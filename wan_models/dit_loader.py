@@ -168,12 +168,11 @@ def _load(
     layout, weights = _read_layout(state, fp8)
     del state
     dtype = dtype or weights["patch_embedding.weight"].dtype
-    weights = _cast_for_compute(weights, dtype)
-
     self_attention = make_self_attention(attention, sla_topk) if isinstance(attention, str) else attention
     with torch.device("meta"):
         model = _build(layout, self_attention, dtype)
     _check_keys_and_shapes(weights, model, layout)
+    _cast_for_compute_(weights, dtype)
     model.load_state_dict(weights, strict=True, assign=True)
     model.source = str(path)
     return model.requires_grad_(False).eval()
@@ -280,16 +279,13 @@ def _family(diffusers: bool, quantized: bool, patch: torch.Tensor, prefix: str, 
     return "comfyui" if fp8 or prefix == COMFYUI_CHECKPOINT_PREFIX else "original"
 
 
-def _cast_for_compute(weights: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    cast = {}
+def _cast_for_compute_(weights: dict[str, torch.Tensor], dtype: torch.dtype) -> None:
+    """Cast in place, one tensor at a time, so the old copy of each is freed as soon as it is replaced."""
     for key, tensor in weights.items():
         if not tensor.is_floating_point():
-            cast[key] = tensor
-        elif FLOAT32_KEYS.search(key) or _is_int8_scale(key, weights):
-            cast[key] = tensor.to(torch.float32)
-        else:
-            cast[key] = tensor.to(dtype)
-    return cast
+            continue
+        keep_float32 = FLOAT32_KEYS.search(key) or _is_int8_scale(key, weights)
+        weights[key] = tensor.to(torch.float32 if keep_float32 else dtype)
 
 
 def _is_int8_scale(key: str, weights: Mapping[str, torch.Tensor]) -> bool:
