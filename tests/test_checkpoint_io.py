@@ -121,3 +121,9 @@ def test_vae_and_text_encoder_given_as_dit_say_what_they_are(tmp_path):
         load_dit(tmp_path / "wan_2.1_vae.safetensors")
     with pytest.raises(CheckpointError, match="encoder.pth: this file is a umT5 text encoder"):
         load_dit(tmp_path / "encoder.pth")
+
+
+def test_legacy_non_zip_torch_save_format_is_read(tmp_path):
+    state = {"a": torch.randn(3, 4)}
+    torch.save(state, tmp_path / "legacy.pth", _use_new_zipfile_serialization=False)
+    assert torch.equal(read_state_dict(tmp_path / "legacy.pth")["a"], state["a"])

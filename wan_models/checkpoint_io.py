@@ -109,7 +109,8 @@ def _read_folder(folder: Path, device: str | torch.device) -> dict[str, torch.Te
 
 def _read_pickle(path: Path, device: str | torch.device) -> dict[str, torch.Tensor]:
     try:
-        loaded = torch.load(str(path), map_location=device, weights_only=True, mmap=True)
+        # Memory-mapping needs the zip container of torch >= 1.6; older files are read whole.
+        loaded = torch.load(str(path), map_location=device, weights_only=True, mmap=_is_zip_container(path))
     except pickle.UnpicklingError as error:
         raise CheckpointError(
             f"{path.name}: refused to load. The file is a pickle that would run code when opened "
@@ -121,6 +122,11 @@ def _read_pickle(path: Path, device: str | torch.device) -> dict[str, torch.Tens
             f"{path.name}: the file is truncated or corrupt and cannot be read ({error}); download it again"
         ) from error
     return _unwrap_tensors(loaded, path)
+
+
+def _is_zip_container(path: Path) -> bool:
+    with path.open("rb") as handle:
+        return handle.read(4) == b"PK\x03\x04"
 
 
 def _unwrap_tensors(loaded: object, path: Path) -> dict[str, torch.Tensor]:
