@@ -55,7 +55,7 @@ class WanDiTConfig:
 
     @property
     def kind(self) -> str:
-        """ "i2v" when the model expects image conditioning channels, else "t2v"."""
+        """Either "i2v", when the model takes image-conditioning channels, or "t2v"."""
         return "i2v" if self.condition_dim else "t2v"
 
     @property

@@ -168,15 +168,13 @@ class WanBlock(nn.Module):
         sin: torch.Tensor,
         attention: AttentionFunctions,
     ) -> torch.Tensor:
-        shift_sa, scale_sa, gate_sa, shift_ff, scale_ff, gate_ff = (self.modulation.float() + e0).chunk(
-            6, dim=1
-        )
-        attended = self.self_attn(
-            modulate(layer_norm(x, self.eps), shift_sa, scale_sa), cos, sin, attention.self_attention
-        )
-        x = x + attended * gate_sa.to(x.dtype)
+        modulation = (self.modulation.float() + e0).chunk(6, dim=1)
+        shift_sa, scale_sa, gate_sa, shift_ff, scale_ff, gate_ff = modulation
+        attention_input = modulate(layer_norm(x, self.eps), shift_sa, scale_sa)
+        x = x + self.self_attn(attention_input, cos, sin, attention.self_attention) * gate_sa.to(x.dtype)
         x = x + self.cross_attn(self.norm3(x), context, attention.cross_attention)
-        return x + self.ffn(modulate(layer_norm(x, self.eps), shift_ff, scale_ff)) * gate_ff.to(x.dtype)
+        ffn_input = modulate(layer_norm(x, self.eps), shift_ff, scale_ff)
+        return x + self.ffn(ffn_input) * gate_ff.to(x.dtype)
 
 
 class Head(nn.Module):
@@ -225,7 +223,7 @@ class WanDiT(nn.Module):
 
     @property
     def kind(self) -> str:
-        """ "t2v" or "i2v" (a Wan2.2 A14B expert taking 20 image-conditioning channels)."""
+        """Either "t2v" or "i2v" (a Wan2.2 A14B expert, taking 20 image-conditioning channels)."""
         return self.config.kind
 
     @property
