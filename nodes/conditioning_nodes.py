@@ -100,7 +100,7 @@ class TD_TextEncode:
 
     def encode(self, text_encoder, text):
         load_to_device(text_encoder)
-        context = text_encoder.model.encode([text])
+        context = text_encoder.network.encode([text])
         return (text_conditioning(context.to(mm.intermediate_device())),)
 
 
@@ -193,7 +193,7 @@ class TD_ImageToVideo:
         video_width, video_height = _override(size, width, height)
         pixels = i2v.preprocess_image(image, video_width, video_height)
         load_to_device(vae)
-        condition = i2v.build_i2v_condition(vae.model, pixels, num_frames).to(mm.intermediate_device())
+        condition = i2v.build_i2v_condition(vae.network, pixels, num_frames).to(mm.intermediate_device())
         shape = latent_shape(video_width, video_height, num_frames, batch_size)
         latent = {"samples": torch.zeros(shape, device=mm.intermediate_device())}
         return (with_start_image(positive, condition), latent)

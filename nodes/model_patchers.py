@@ -17,6 +17,15 @@ from comfy.model_patcher import ModelPatcher
 from ..wan_models.i2v import module_device
 
 
+class TurboDiffusionModel(torch.nn.Module):
+    """The module a patcher manages: ModelPatcher writes its bookkeeping attributes (`device`, loaded
+    memory, ...) onto it, which the library's models must not receive (their `device` is read-only)."""
+
+    def __init__(self, network: torch.nn.Module) -> None:
+        super().__init__()
+        self.network = network
+
+
 class TurboPatcher(ModelPatcher):
     """A ModelPatcher that knows which file and which kind of model (dit, vae, text_encoder) it holds."""
 
@@ -32,12 +41,22 @@ class TurboPatcher(ModelPatcher):
         copy.label, copy.kind = self.label, self.kind
         return copy
 
+    @property
+    def network(self) -> torch.nn.Module:
+        """The library model (WanDiT, WanVAE or UMT5TextEncoder)."""
+        return self.model.network
+
 
 def wrap_module(
     module: torch.nn.Module, load_device: torch.device, offload_device: torch.device, label: str, kind: str
 ) -> TurboPatcher:
     return TurboPatcher(
-        module, load_device, offload_device, size=mm.module_size(module), label=label, kind=kind
+        TurboDiffusionModel(module),
+        load_device,
+        offload_device,
+        size=mm.module_size(module),
+        label=label,
+        kind=kind,
     )
 
 
@@ -79,7 +98,7 @@ def unload_models_of_ours() -> list[LoadedModelInfo]:
 
 
 def _on_load_device(patcher: TurboPatcher) -> bool:
-    device = module_device(patcher.model)
+    device = module_device(patcher.network)
     target = torch.device(patcher.load_device)
     return device.type == target.type and (device.index or 0) == (target.index or 0)
 

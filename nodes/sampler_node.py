@@ -40,7 +40,7 @@ def interrupt_checks(*models: torch.nn.Module):
 
 
 def _check_pairing(model: TurboPatcher, condition: torch.Tensor | None, context: torch.Tensor) -> None:
-    config = model.model.config
+    config = model.network.config
     if config.in_dim == I2V_IN_DIM and condition is None:
         raise ValueError(
             f"{NODE}: '{model.label}' is a Wan2.2 I2V expert (in_dim {I2V_IN_DIM}) and needs a start "
@@ -155,9 +155,9 @@ class TD_RCMSampler:
         load_to_device(model)
         progress = comfy.utils.ProgressBar(steps)
         try:
-            with interrupt_checks(*(expert.model for expert in experts)):
+            with interrupt_checks(*(expert.network for expert in experts)):
                 final = wan_models.rcm_sample(
-                    model.model,
+                    model.network,
                     context,
                     shape,
                     seed=seed,
@@ -165,7 +165,7 @@ class TD_RCMSampler:
                     sigma_max=sigma_max,
                     mode=mode,
                     y=condition,
-                    low_noise_model=None if low_noise_model is None else low_noise_model.model,
+                    low_noise_model=None if low_noise_model is None else low_noise_model.network,
                     boundary=boundary,
                     device=model.load_device,
                     callback=lambda step, total: progress.update_absolute(step, total),

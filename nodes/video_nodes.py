@@ -56,7 +56,7 @@ class TD_VAEDecode:
         latent = from_comfy_latent(samples)
         load_to_device(vae)
         progress = comfy.utils.ProgressBar(latent.shape[2])
-        video = vae.model.decode(
+        video = vae.network.decode(
             latent,
             tile_size=tile_size or None,
             callback=lambda done, total: progress.update_absolute(done, total),
