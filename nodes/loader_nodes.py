@@ -27,6 +27,16 @@ DIT_DTYPES = [torch.bfloat16, torch.float16, torch.float32]
 VAE_DTYPES = [torch.bfloat16, torch.float32]
 
 
+def _text_encoder_dtype(load_device: torch.device) -> torch.dtype:
+    """bf16 as TurboDiffusion (also when a GPU host keeps the encoder on the CPU, to halve its memory);
+    fp32 on CPU-only hosts like ComfyUI's other models there, and on GPUs without bf16 (not fp16)."""
+    if mm.get_torch_device().type == "cpu":
+        return torch.float32
+    if load_device.type == "cpu" or mm.should_use_bf16(load_device):
+        return torch.bfloat16
+    return torch.float32
+
+
 class TD_WanModelLoader:
     DESCRIPTION = (
         "Loads a TurboDiffusion Wan video DiT from models/diffusion_models: Wan2.1 T2V 1.3B / 14B, or one "
@@ -130,10 +140,7 @@ class TD_TextEncoderLoader:
         path = resolve_model_path("text_encoders", text_encoder_name, "TD_TextEncoderLoader")
         load_device = torch.device("cpu") if device == "cpu" else mm.text_encoder_device()
         offload_device = mm.text_encoder_offload_device()
-        # TurboDiffusion runs umT5 in bf16; GPUs without bf16 get fp32 rather than fp16.
-        dtype = (
-            torch.bfloat16 if load_device.type == "cpu" or mm.should_use_bf16(load_device) else torch.float32
-        )
+        dtype = _text_encoder_dtype(load_device)
         encoder = wan_models.load_text_encoder(path, device=offload_device, dtype=dtype)
         return (wrap_module(encoder, load_device, offload_device, os.path.basename(path), "text_encoder"),)
 
