@@ -5,6 +5,7 @@ Useful to see what `/free` or TD_FreeVRAM released; the tests use it too.
 
 from __future__ import annotations
 
+import sys
 from dataclasses import asdict
 
 from aiohttp import web
@@ -17,11 +18,8 @@ async def loaded_models(request: web.Request) -> web.Response:
 
 
 def register_routes() -> None:
-    """Add the routes to the running ComfyUI server (nothing to do outside one)."""
-    try:
-        from server import PromptServer
-    except ImportError:
-        return
-    server = getattr(PromptServer, "instance", None)
-    if server is not None:
-        server.routes.get("/turbodiffusion/models")(loaded_models)
+    """Add the routes to the running ComfyUI server (none when the nodes are imported outside one)."""
+    server_module = sys.modules.get("server")
+    instance = getattr(getattr(server_module, "PromptServer", None), "instance", None)
+    if instance is not None:
+        instance.routes.get("/turbodiffusion/models")(loaded_models)

@@ -12,7 +12,7 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 
 
-def _load_tools_module(name: str):
+def load_tools_module(name: str):
     if name not in sys.modules:
         spec = importlib.util.spec_from_file_location(name, REPO / "tools" / f"{name}.py")
         module = importlib.util.module_from_spec(spec)
@@ -21,7 +21,7 @@ def _load_tools_module(name: str):
     return sys.modules[name]
 
 
-comfy_host = _load_tools_module("comfy_host")
+comfy_host = load_tools_module("comfy_host")
 ComfyClient = comfy_host.ComfyClient
 ComfyHost = comfy_host.ComfyHost
 PromptRejected = comfy_host.PromptRejected
