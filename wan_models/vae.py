@@ -21,18 +21,27 @@ from __future__ import annotations
 
 import itertools
 import logging
-import math
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .vae_fast import (
+    BufferedCausalCache,
+    autotuned_convolutions,
+    latent_chunks,
+    memory_format_for,
+    video_chunks,
+)
+from .vae_output import video_assembler
+from .vae_plan import GIB, SPATIAL_FACTOR, TEMPORAL_FACTOR, DecodePlan, plan_decode, plan_for_budget
+
 LATENT_CHANNELS = 16
-SPATIAL_FACTOR = 8
-TEMPORAL_FACTOR = 4
 CACHE_FRAMES = 2
+# Latent frames per pass; bench/vae.py compares 1, 2 and 4 on the GPU (bench/NOTES_vae.md).
+DEFAULT_FRAMES_PER_CHUNK = 1
+DEFAULT_ENCODE_FRAMES_PER_CHUNK = 1
 # Per-channel latent statistics of the Wan 2.1 VAE (identical in every reference implementation).
 LATENT_MEAN = (
     -0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
@@ -64,7 +73,8 @@ class CausalConv3d(nn.Conv3d):
         if history is not None and past_padding > 0:
             x = torch.cat([history.to(x.device), x], dim=2)
             past_padding -= history.shape[2]
-        return super().forward(F.pad(x, (*self.spatial_padding, past_padding, 0)))
+        padding = (*self.spatial_padding, past_padding, 0)
+        return super().forward(F.pad(x, padding) if any(padding) else x)
 
 
 class CausalCache:
@@ -91,6 +101,10 @@ class CausalCache:
         self.remember(conv, tail.clone())
         return conv(x, history)
 
+    def norm_conv(self, norm: RMSNorm, conv: CausalConv3d, x: torch.Tensor) -> torch.Tensor:
+        """`conv(SiLU(norm(x)))` with the history of `conv`."""
+        return self.conv(conv, F.silu(norm(x)))
+
 
 class RMSNorm(nn.Module):
     """Channel-first RMS norm: `x / max(||x||_2 over channels, eps) * sqrt(C) * gamma`."""
@@ -104,7 +118,7 @@ class RMSNorm(nn.Module):
         return F.normalize(x, dim=1) * self.scale * self.gamma
 
 
-def _per_frame(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+def per_frame(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """Apply a 2-D layer to every frame of `[B, C, T, H, W]`."""
     b, _, t = x.shape[:3]
     frames = layer(x.transpose(1, 2).flatten(0, 1))
@@ -127,10 +141,9 @@ class ResidualBlock(nn.Module):
         self.shortcut = CausalConv3d(in_dim, out_dim, 1) if in_dim != out_dim else nn.Identity()
 
     def forward(self, x: torch.Tensor, cache: CausalCache) -> torch.Tensor:
-        norm1, act1, conv1, norm2, act2, _, conv2 = self.residual
-        h = cache.conv(conv1, act1(norm1(x)))
-        h = cache.conv(conv2, act2(norm2(h)))
-        return h + self.shortcut(x)
+        norm1, _, conv1, norm2, _, _, conv2 = self.residual
+        h = cache.norm_conv(norm2, conv2, cache.norm_conv(norm1, conv1, x))
+        return h.add_(self.shortcut(x))
 
 
 class AttentionBlock(nn.Module):
@@ -143,11 +156,11 @@ class AttentionBlock(nn.Module):
         self.proj = nn.Conv2d(dim, dim, 1)
 
     def forward(self, x: torch.Tensor, cache: CausalCache) -> torch.Tensor:
-        return x + _per_frame(self._attend, x)
+        return x + per_frame(self._attend, x)
 
     def _attend(self, frames: torch.Tensor) -> torch.Tensor:
         n, c, h, w = frames.shape
-        qkv = self.to_qkv(self.norm(frames)).view(n, 3, 1, c, h * w).transpose(-1, -2)
+        qkv = self.to_qkv(self.norm(frames)).reshape(n, 3, 1, c, h * w).transpose(-1, -2)
         q, k, v = qkv.unbind(1)
         out = F.scaled_dot_product_attention(q, k, v)
         return self.proj(out.squeeze(1).transpose(1, 2).reshape(n, c, h, w))
@@ -162,7 +175,7 @@ class Downsample(nn.Module):
         self.time_conv = CausalConv3d(dim, dim, (3, 1, 1), stride=(2, 1, 1)) if temporal else None
 
     def forward(self, x: torch.Tensor, cache: CausalCache) -> torch.Tensor:
-        x = _per_frame(self.resample, x)
+        x = per_frame(self.resample, x)
         if self.time_conv is None:
             return x
         previous = cache.history(self)
@@ -183,18 +196,31 @@ class Upsample(nn.Module):
         self.time_conv = CausalConv3d(dim, dim * 2, (3, 1, 1), padding=(1, 0, 0)) if temporal else None
 
     def forward(self, x: torch.Tensor, cache: CausalCache) -> torch.Tensor:
-        if self.time_conv is not None:
-            x = self._double_frames(x, cache)
-        return _per_frame(self.resample, x)
+        return per_frame(self.resample, self.double_frames(x, cache))
 
-    def _double_frames(self, x: torch.Tensor, cache: CausalCache) -> torch.Tensor:
+    def double_frames(self, x: torch.Tensor, cache: CausalCache) -> torch.Tensor:
+        """The temporal part (a no-op without `time_conv`)."""
+        if self.time_conv is None:
+            return x
         if not cache.seen(self):  # the first latent frame stands for one video frame only
             cache.remember(self, None)
             return x
         pairs = cache.conv(self.time_conv, x)
         b, c2, t, h, w = pairs.shape
-        # Channel halves are the even and odd output frames.
-        return pairs.view(b, 2, c2 // 2, t, h, w).permute(0, 2, 3, 1, 4, 5).reshape(b, c2 // 2, 2 * t, h, w)
+        # Channel halves are the even and odd output frames; the result keeps the memory layout of `pairs`.
+        frames = torch.empty(
+            (b, c2 // 2, 2 * t, h, w),
+            dtype=pairs.dtype,
+            device=pairs.device,
+            memory_format=_memory_format_of(pairs),
+        )
+        frames.unflatten(2, (t, 2)).copy_(pairs.unflatten(1, (2, c2 // 2)).permute(0, 2, 3, 1, 4, 5))
+        return frames
+
+
+def _memory_format_of(x: torch.Tensor) -> torch.memory_format:
+    channels_last = x.is_contiguous(memory_format=torch.channels_last_3d) and not x.is_contiguous()
+    return torch.channels_last_3d if channels_last else torch.contiguous_format
 
 
 def _middle(dim: int) -> nn.ModuleList:
@@ -223,8 +249,8 @@ class Encoder(nn.Module):
         x = cache.conv(self.conv1, x)
         for layer in (*self.downsamples, *self.middle):
             x = layer(x, cache)
-        norm, act, conv = self.head
-        return cache.conv(conv, act(norm(x)))
+        norm, _, conv = self.head
+        return cache.norm_conv(norm, conv, x)
 
 
 class Decoder(nn.Module):
@@ -244,90 +270,31 @@ class Decoder(nn.Module):
                 layers.append(Upsample(out_dim, temporal=temporal_upsample[stage]))
         self.upsamples = nn.ModuleList(layers)
         self.head = _head(dims[-1], 3)
+        # Everything after the time doubling of the last temporal upsampling works frame by frame.
+        self.last_temporal = max(
+            i for i, layer in enumerate(layers) if getattr(layer, "time_conv", None) is not None
+        )
 
-    def forward(self, x: torch.Tensor, cache: CausalCache) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, cache: CausalCache, frames_per_pass: int | None = None
+    ) -> torch.Tensor:
+        """Decode one chunk of latent frames. The full-frame-rate layers take `frames_per_pass` video frames
+        at a time (all at once when None): exact, since they are causal in time, and it bounds their memory.
+        """
         x = cache.conv(self.conv1, x)
-        for layer in (*self.middle, *self.upsamples):
+        for layer in (*self.middle, *self.upsamples[: self.last_temporal]):
             x = layer(x, cache)
-        norm, act, conv = self.head
-        return cache.conv(conv, act(norm(x)))
+        x = self.upsamples[self.last_temporal].double_frames(x, cache)
+        if frames_per_pass is None or frames_per_pass >= x.shape[2]:
+            return self._full_rate(x, cache)
+        return torch.cat([self._full_rate(part, cache) for part in x.split(frames_per_pass, dim=2)], dim=2)
 
-
-@dataclass(frozen=True)
-class DecodePlan:
-    """How `decode` covers the latent: spatial tiles (latent-pixel ranges), each decoded frame by frame."""
-
-    rows: tuple[tuple[int, int], ...]
-    cols: tuple[tuple[int, int], ...]
-    tile_size: int | None
-    tile_overlap: int
-
-    @property
-    def tiled(self) -> bool:
-        return len(self.rows) * len(self.cols) > 1
-
-    def tiles(self) -> Iterator[tuple[tuple[int, int], tuple[int, int], torch.Tensor]]:
-        """(rows, columns, blend weight over the tile's video pixels) per tile; the weights sum to 1."""
-        row_weights = _blend_weights(self.rows, SPATIAL_FACTOR)
-        col_weights = _blend_weights(self.cols, SPATIAL_FACTOR)
-        for rows, row_weight in zip(self.rows, row_weights):
-            for cols, col_weight in zip(self.cols, col_weights):
-                yield rows, cols, row_weight[:, None] * col_weight[None, :]
-
-    def describe(self) -> str:
-        if not self.tiled:
-            return "untiled, one latent frame at a time"
-        return (
-            f"{len(self.rows)}x{len(self.cols)} spatial tiles of up to {self.tile_size} latent px "
-            f"(overlap >= {self.tile_overlap}, linear seam blending), one latent frame at a time"
-        )
-
-
-def plan_decode(
-    latent_shape: torch.Size | tuple[int, ...], tile_size: int | None = None, tile_overlap: int | None = None
-) -> DecodePlan:
-    """The tiling `decode` uses for a latent of this shape. `tile_size=None` (or >= the size): no tiling.
-
-    `tile_size` and `tile_overlap` are in latent pixels (x8 in the video); the overlap defaults to a quarter
-    of the tile. Tiles are spread evenly so that neighbours overlap by at least `tile_overlap`.
-    """
-    height, width = latent_shape[-2:]
-    if tile_size is None:
-        return DecodePlan(((0, height),), ((0, width),), None, 0)
-    overlap = tile_size // 4 if tile_overlap is None else tile_overlap
-    if tile_size < 1 or not 0 <= overlap < tile_size:
-        raise ValueError(
-            f"tile_size {tile_size} / tile_overlap {overlap}: "
-            "need tile_size >= 1 and 0 <= tile_overlap < tile_size (both in latent pixels)"
-        )
-    return DecodePlan(
-        _tile_ranges(height, tile_size, overlap), _tile_ranges(width, tile_size, overlap), tile_size, overlap
-    )
-
-
-def _tile_ranges(length: int, tile: int, overlap: int) -> tuple[tuple[int, int], ...]:
-    if tile >= length:
-        return ((0, length),)
-    count = math.ceil((length - overlap) / (tile - overlap))
-    starts = [round(i * (length - tile) / (count - 1)) for i in range(count)]
-    return tuple((start, start + tile) for start in starts)
-
-
-def _blend_weights(ranges: tuple[tuple[int, int], ...], scale: int) -> list[torch.Tensor]:
-    """Per tile, 1-D weights over its video pixels: linear ramps across overlaps, summing to 1 everywhere."""
-    ramps = []
-    for i, (start, end) in enumerate(ranges):
-        pixels = torch.arange(start * scale, end * scale, dtype=torch.float64) + 0.5
-        weight = torch.ones_like(pixels)
-        if i > 0 and ranges[i - 1][1] > start:
-            weight = torch.minimum(weight, (pixels - start * scale) / ((ranges[i - 1][1] - start) * scale))
-        if i + 1 < len(ranges) and ranges[i + 1][0] < end:
-            weight = torch.minimum(weight, (end * scale - pixels) / ((end - ranges[i + 1][0]) * scale))
-        ramps.append(weight)
-    total = torch.zeros(ranges[-1][1] * scale, dtype=torch.float64)
-    for (start, end), weight in zip(ranges, ramps):
-        total[start * scale : end * scale] += weight
-    return [(w / total[s * scale : e * scale]).float() for (s, e), w in zip(ranges, ramps)]
+    def _full_rate(self, x: torch.Tensor, cache: CausalCache) -> torch.Tensor:
+        x = per_frame(self.upsamples[self.last_temporal].resample, x)
+        for layer in self.upsamples[self.last_temporal + 1 :]:
+            x = layer(x, cache)
+        norm, _, conv = self.head
+        return cache.norm_conv(norm, conv, x)
 
 
 class WanVAE(nn.Module):
@@ -357,18 +324,81 @@ class WanVAE(nn.Module):
         return mean.view(1, -1, 1, 1, 1), inv_std.view(1, -1, 1, 1, 1)
 
     @torch.no_grad()
-    def encode(self, video: torch.Tensor) -> torch.Tensor:
-        """`[B, 3, F, H, W]` in [-1, 1] -> normalised latent `[B, 16, 1 + (F-1)/4, H/8, W/8]`, float32."""
+    def encode(
+        self, video: torch.Tensor, frames_per_chunk: int = DEFAULT_ENCODE_FRAMES_PER_CHUNK
+    ) -> torch.Tensor:
+        """`[B, 3, F, H, W]` in [-1, 1] -> normalised latent `[B, 16, 1 + (F-1)/4, H/8, W/8]`, float32.
+
+        Encodes frame 0 alone, then `frames_per_chunk` latent frames' worth (4 video frames each) per pass,
+        with the fast execution of `vae_fast` (same result as `encode_reference`).
+        """
+        check_video_shape(video.shape)
+        memory_format = memory_format_for(self.device)
+        cache = BufferedCausalCache(memory_format)
+        with autotuned_convolutions(self.device):
+            features = torch.cat(
+                [
+                    self.encoder(
+                        video[:, :, start:stop].to(self.device, self.dtype, memory_format=memory_format),
+                        cache,
+                    )  # fmt: skip
+                    for start, stop in video_chunks(video.shape[2], frames_per_chunk, TEMPORAL_FACTOR)
+                ],
+                dim=2,
+            )
+        return self._normalised_mean(features)
+
+    @torch.no_grad()
+    def encode_reference(self, video: torch.Tensor) -> torch.Tensor:
+        """`encode` as the reference implementations run it: frame 0, then 4 frames at a time."""
         check_video_shape(video.shape)
         cache = CausalCache()
-        frames = video.shape[2]
-        chunks = [video[:, :, :1]] + [
-            video[:, :, start : start + TEMPORAL_FACTOR] for start in range(1, frames, TEMPORAL_FACTOR)
-        ]
-        features = torch.cat([self.encoder(c.to(self.device, self.dtype), cache) for c in chunks], dim=2)
+        features = torch.cat(
+            [
+                self.encoder(video[:, :, start:stop].to(self.device, self.dtype), cache)
+                for start, stop in video_chunks(video.shape[2], 1, TEMPORAL_FACTOR)
+            ],
+            dim=2,
+        )
+        return self._normalised_mean(features)
+
+    def _normalised_mean(self, features: torch.Tensor) -> torch.Tensor:
         mu = self.conv1(features)[:, :LATENT_CHANNELS]
         mean, inv_std = self.latent_stats()
         return ((mu - mean) * inv_std).float()
+
+    def decode_plan(
+        self,
+        latent_shape: torch.Size | tuple[int, ...],
+        tile_size: int | None = None,
+        tile_overlap: int | None = None,
+        *,
+        vram_budget_gib: float | None = None,
+        frames_per_chunk: int | None = None,
+        frames_per_pass: int | None = None,
+        output_device: torch.device | str | None = None,
+    ) -> DecodePlan:
+        """The plan `decode` follows for these arguments (see `decode`)."""
+        chunk = DEFAULT_FRAMES_PER_CHUNK if frames_per_chunk is None else frames_per_chunk
+        if vram_budget_gib is None:
+            return plan_decode(latent_shape, tile_size, tile_overlap, chunk, frames_per_pass)
+        if tile_size is not None or tile_overlap is not None or frames_per_pass is not None:
+            raise ValueError(
+                "give either vram_budget_gib (the plan is chosen to fit it) or tile_size / tile_overlap / "
+                "frames_per_pass, not both"
+            )
+        weights = sum(
+            t.numel() * t.element_size() for t in itertools.chain(self.parameters(), self.buffers())
+        )
+        output = torch.device(output_device) if output_device is not None else self.device
+        return plan_for_budget(
+            latent_shape,
+            int(vram_budget_gib * GIB) - weights,
+            self.base_dim,
+            torch.finfo(self.dtype).bits // 8,
+            output_on_device=output.type == self.device.type,
+            frames_per_chunk=chunk,
+        )
 
     @torch.no_grad()
     def decode(
@@ -378,44 +408,102 @@ class WanVAE(nn.Module):
         tile_overlap: int | None = None,
         callback: ProgressCallback | None = None,
         output_device: torch.device | str | None = None,
+        *,
+        vram_budget_gib: float | None = None,
+        frames_per_chunk: int | None = None,
+        frames_per_pass: int | None = None,
     ) -> torch.Tensor:
         """Normalised latent `[B, 16, T, h, w]` -> video `[B, 3, 1 + 4(T-1), 8h, 8w]` in [-1, 1], float32.
 
-        Decodes one latent frame at a time (the causal reference order). With `tile_size` (latent pixels) the
-        frame is also split into overlapping tiles, each decoded with its own caches and blended linearly
-        across the seams; this bounds memory by the tile size but is not bit-identical to untiled decoding
-        (tiles do not see each other, e.g. in the mid-block attention; tests/test_vae_tiling.py states the
-        deviation measured with random weights). `callback(done, total)` is called
-        after every decoded latent frame of every tile (total = frames x tiles). The video is built on
-        `output_device` (default: the VAE's device).
+        The result of the causal frame-by-frame decoding (`decode_reference`), computed faster (`vae_fast`):
+        `frames_per_chunk` latent frames per pass (after the first), the full-frame-rate layers
+        `frames_per_pass` video frames at a time (all when None). With `tile_size` (latent pixels) the frame
+        is split into overlapping tiles, each decoded with its own caches and blended linearly across the
+        seams: less memory, but not identical to untiled decoding (tiles do not see each other, e.g. in the
+        mid-block attention; tests/test_vae_tiling.py states the deviation measured with random weights).
+        `vram_budget_gib` instead chooses the plan: the fastest whose modelled peak memory on the VAE's
+        device, the VAE's weights included, fits the budget; untiled if possible (`decode_plan` tells which,
+        and it is logged). `callback(done, total)` is called after every pass with the latent frames decoded
+        so far, over all tiles (total = frames x tiles). The video is built on `output_device` (default: the
+        VAE's device); CPU output from a CUDA decode is streamed while decoding.
         """
         check_latent_shape(latent.shape)
-        plan = plan_decode(latent.shape, tile_size, tile_overlap)
+        plan = self.decode_plan(
+            latent.shape,
+            tile_size,
+            tile_overlap,
+            vram_budget_gib=vram_budget_gib,
+            frames_per_chunk=frames_per_chunk,
+            frames_per_pass=frames_per_pass,
+            output_device=output_device,
+        )
         logger.info("Wan VAE decode: %s", plan.describe())
-        mean, inv_std = self.latent_stats()
-        z = self.conv2(latent.to(self.device, self.dtype) / inv_std + mean)
+        z = self._denormalised(latent)
+        batch, _, frames, height, width = z.shape
+        output = video_assembler(
+            (batch, 3, 1 + TEMPORAL_FACTOR * (frames - 1), height * SPATIAL_FACTOR, width * SPATIAL_FACTOR),
+            self.device if output_device is None else torch.device(output_device),
+            self.device,
+            plan.tiled,
+        )
+        memory_format = memory_format_for(self.device)
+        done, total = 0, frames * plan.tile_count
+        try:
+            with autotuned_convolutions(self.device):
+                for tile in plan.tiles():
+                    cache = BufferedCausalCache(memory_format)
+                    weight = tile.weight.to(self.device) if plan.tiled else None
+                    first = 0
+                    for start, stop in latent_chunks(frames, plan.frames_per_chunk):
+                        chunk = z[:, :, start:stop, slice(*tile.rows), slice(*tile.cols)]
+                        decoded = self.decoder(
+                            chunk.contiguous(memory_format=memory_format), cache, plan.frames_per_pass
+                        )
+                        output.add(first, tile, decoded, weight)
+                        first += decoded.shape[2]
+                        done += stop - start
+                        if callback is not None:
+                            callback(done, total)
+                    output.tile_done(tile)
+            return output.result()
+        finally:
+            output.close()
+
+    @torch.no_grad()
+    def decode_reference(
+        self,
+        latent: torch.Tensor,
+        tile_size: int | None = None,
+        tile_overlap: int | None = None,
+        output_device: torch.device | str | None = None,
+    ) -> torch.Tensor:
+        """`decode` as the reference implementations run it: one latent frame at a time, through
+        `CausalCache` (concatenated history, explicit padding, unfused norms), the video summed in float32."""
+        check_latent_shape(latent.shape)
+        plan = plan_decode(latent.shape, tile_size, tile_overlap)
+        z = self._denormalised(latent)
         batch, _, frames, height, width = z.shape
         video = torch.zeros(
             (batch, 3, 1 + TEMPORAL_FACTOR * (frames - 1), height * SPATIAL_FACTOR, width * SPATIAL_FACTOR),
             dtype=torch.float32,
             device=self.device if output_device is None else output_device,
         )
-        steps, total = itertools.count(1), frames * len(plan.rows) * len(plan.cols)
-        for (top, bottom), (left, right), weight in plan.tiles():
-            tile_video = video[
-                ...,
-                top * SPATIAL_FACTOR : bottom * SPATIAL_FACTOR,
-                left * SPATIAL_FACTOR : right * SPATIAL_FACTOR,
-            ]
-            weight = weight.to(video.device)
+        for tile in plan.tiles():
+            rows, cols = tile.pixels()
+            weight = tile.weight.to(video.device)
             cache, first = CausalCache(), 0
             for t in range(frames):
-                decoded = self.decoder(z[:, :, t : t + 1, top:bottom, left:right], cache).to(video.device)
-                tile_video[:, :, first : first + decoded.shape[2]] += decoded.float() * weight
+                decoded = self.decoder(z[:, :, t : t + 1, slice(*tile.rows), slice(*tile.cols)], cache)
+                video[:, :, first : first + decoded.shape[2], rows, cols] += (
+                    decoded.to(video.device).float() * weight
+                )
                 first += decoded.shape[2]
-                if callback is not None:
-                    callback(next(steps), total)
         return video.clamp_(-1.0, 1.0)
+
+    def _denormalised(self, latent: torch.Tensor) -> torch.Tensor:
+        """`conv2(latent / (1/std) + mean)`, in the module dtype on its device."""
+        mean, inv_std = self.latent_stats()
+        return self.conv2(latent.to(self.device, self.dtype) / inv_std + mean)
 
 
 def check_video_shape(shape: torch.Size | tuple[int, ...]) -> None:

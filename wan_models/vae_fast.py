@@ -1,0 +1,117 @@
+"""Fast execution of the Wan VAE (issue 7): several frames per pass, channels-last 3-D convolutions on CUDA,
+fused RMS-norm + SiLU, and no copies for the causal padding.
+
+The VAE modules call their cache for every causal convolution (`conv`, `norm_conv`, and `seen` / `history`
+/ `remember` for the resampling layers); `vae.CausalCache` does that as the reference implementation does
+(concatenate the cached frames, pad, then convolve). `BufferedCausalCache` computes the same function:
+
+* each causal convolution gets one buffer of `past + t` frames: the cached frames (zeros before the first
+  chunk, which is exactly the causal zero padding) followed by the chunk's input, written there directly by
+  the fused norm + SiLU kernel; the convolution pads only spatially (inside cuDNN), and the buffer's last
+  `past` frames become the next cache;
+* the layout is channels-last (`torch.channels_last_3d`) on CUDA, where cuDNN's 3-D convolutions are
+  fastest in bf16, and PyTorch's default layout elsewhere;
+* chunks of any number of frames give the reference's result, because every layer is causal with exact
+  caches; the one special frame is the first latent frame (it decodes to a single video frame and skips the
+  temporal upsampling), so `latent_chunks` always decodes it alone.
+
+Results equal the reference to float32 rounding (tests/test_vae_fast.py checks <= 1e-5 on the CPU) and, in
+bf16, to bf16 rounding (the fused kernel rounds once instead of after every step; bench/vae.py measures it).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..turbo_kernels.rms_norm_silu import rms_norm_silu
+
+
+def memory_format_for(device: torch.device) -> torch.memory_format:
+    """channels-last on CUDA (cuDNN's fast 3-D convolution layout), the default layout elsewhere."""
+    return torch.channels_last_3d if device.type == "cuda" else torch.contiguous_format
+
+
+@contextmanager
+def autotuned_convolutions(device: torch.device) -> Iterator[None]:
+    """cuDNN benchmark mode on CUDA (each new shape is timed once per process), restored afterwards."""
+    if device.type != "cuda":
+        yield
+        return
+    previous = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = True
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = previous
+
+
+def latent_chunks(frames: int, frames_per_chunk: int) -> list[tuple[int, int]]:
+    """Latent frame ranges per pass: the first frame alone, then `frames_per_chunk` at a time."""
+    if frames_per_chunk < 1:
+        raise ValueError(f"frames_per_chunk must be at least 1 latent frame; got {frames_per_chunk}")
+    return [(0, 1)] + [
+        (start, min(start + frames_per_chunk, frames)) for start in range(1, frames, frames_per_chunk)
+    ]
+
+
+def video_chunks(frames: int, frames_per_chunk: int, temporal_factor: int) -> list[tuple[int, int]]:
+    """Video frame ranges per encoder pass: frame 0 alone, then `frames_per_chunk` latent frames' worth."""
+    if frames_per_chunk < 1:
+        raise ValueError(f"frames_per_chunk must be at least 1 latent frame; got {frames_per_chunk}")
+    step = frames_per_chunk * temporal_factor
+    return [(0, 1)] + [(start, min(start + step, frames)) for start in range(1, frames, step)]
+
+
+class BufferedCausalCache:
+    """What each causal layer remembers of the previous chunk; buffered convolutions (module docstring)."""
+
+    def __init__(self, memory_format: torch.memory_format) -> None:
+        self.memory_format = memory_format
+        self._history: dict[nn.Module, torch.Tensor | None] = {}
+
+    def seen(self, layer: nn.Module) -> bool:
+        return layer in self._history
+
+    def history(self, layer: nn.Module) -> torch.Tensor | None:
+        return self._history.get(layer)
+
+    def remember(self, layer: nn.Module, frames: torch.Tensor | None) -> None:
+        self._history[layer] = frames
+
+    def conv(self, conv: nn.Conv3d, x: torch.Tensor) -> torch.Tensor:
+        return self.norm_conv(None, conv, x)
+
+    def norm_conv(self, norm: nn.Module | None, conv: nn.Conv3d, x: torch.Tensor) -> torch.Tensor:
+        """`conv(SiLU(norm(x)))` (`conv(x)` without a norm), the cached frames in front."""
+        past = conv.past_frames
+        pad_w, _, pad_h, _ = conv.spatial_padding
+        if not past:
+            source = x if norm is None else rms_norm_silu(x, norm.gamma, norm.scale)
+            return F.conv3d(source, conv.weight, conv.bias, conv.stride, padding=(0, pad_h, pad_w))
+        batch, channels, frames, height, width = x.shape
+        buffer = torch.empty(
+            (batch, channels, past + frames, height, width),
+            dtype=x.dtype,
+            device=x.device,
+            memory_format=self.memory_format,
+        )
+        history = self.history(conv)
+        if history is None:
+            buffer[:, :, :past].zero_()
+        else:
+            buffer[:, :, :past].copy_(history)
+        if norm is None:
+            buffer[:, :, past:].copy_(x)
+        else:
+            rms_norm_silu(x, norm.gamma, norm.scale, out=buffer[:, :, past:])
+        del x  # a temporary of the caller (a residual block's first conv output) is freed before convolving
+        if history is None:
+            self.remember(conv, buffer[:, :, -past:].clone())
+        else:
+            history.copy_(buffer[:, :, -past:])
+        return F.conv3d(buffer, conv.weight, conv.bias, conv.stride, padding=(0, pad_h, pad_w))

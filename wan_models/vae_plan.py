@@ -1,0 +1,272 @@
+"""How `WanVAE.decode` covers a latent, and how much GPU memory that takes (issue 7).
+
+A `DecodePlan` has three knobs:
+
+* `frames_per_chunk`: latent frames per pass through the decoder (after the first latent frame, which always
+  decodes alone). Exact: the causal caches carry the history between passes.
+* `frames_per_pass`: video frames at a time through the full-frame-rate layers (everything after the time
+  doubling of the last temporal upsampling: two thirds of the work, at 4x and 8x the latent resolution);
+  None takes them all at once. Also exact, and it bounds the largest activations.
+* spatial tiles (`rows` x `cols` in latent pixels), each decoded with its own caches and blended linearly
+  across the overlaps (weights summing to 1). Approximate (tiles do not see each other; the mid-block
+  attention is global), so `plan_for_budget` tiles only when no untiled plan fits.
+
+`estimate_decode_bytes` models the working memory of the buffered decode (`vae_fast`), in units of one
+full-resolution frame at base width of the (largest) tile: the causal caches hold two input frames of every
+causal convolution (`CACHE_UNITS` of them, counted from the architecture), plus the live activations of the
+largest layer, which depend on the two frame counts (`_live_units`). tests/test_vae_fast_memory.py checks the
+model against the live tensor bytes of real-size decodes run on the meta device; bench/vae.py against CUDA's
+peak memory.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+
+SPATIAL_FACTOR = 8
+TEMPORAL_FACTOR = 4
+GIB = 2**30
+# Two cached input frames of each causal conv of the decoder, in full-resolution base-width frames: stage 3
+# (7 convs incl. the head) 14, stage 2 (6 convs, 2x channels at 1/4 of the pixels) 6, stage 1 (5.5 conv
+# equivalents at 1/4 the frame size, and the time conv) 3.25, middle + stage 0 (11 convs at 1/16) 1.375.
+CACHE_UNITS = 24.625
+# Unaccounted for by the model: cuDNN workspaces and the allocator's rounding (bench/vae.py measures them).
+MARGIN_FRACTION = 0.08
+MARGIN_BYTES = 192 * 2**20
+BUDGET_TILE_OVERLAP = 8  # latent px (64 video px), as ComfyUI's tiled VAE decoding
+
+
+@dataclass(frozen=True)
+class Tile:
+    """One tile: its latent ranges, blend weight over its video pixels, and the video pixels it finishes
+    (no later tile adds to them)."""
+
+    rows: tuple[int, int]
+    cols: tuple[int, int]
+    weight: torch.Tensor
+    finished_rows: tuple[int, int]
+    finished_cols: tuple[int, int]
+
+    def pixels(self) -> tuple[slice, slice]:
+        return _pixels(self.rows), _pixels(self.cols)
+
+    def finished_pixels(self) -> tuple[slice, slice]:
+        return _pixels(self.finished_rows), _pixels(self.finished_cols)
+
+
+@dataclass(frozen=True)
+class DecodePlan:
+    """How `decode` covers the latent: spatial tiles (latent-pixel ranges) and frames per pass."""
+
+    rows: tuple[tuple[int, int], ...]
+    cols: tuple[tuple[int, int], ...]
+    tile_size: int | None
+    tile_overlap: int
+    frames_per_chunk: int = 1
+    frames_per_pass: int | None = None
+
+    @property
+    def tiled(self) -> bool:
+        return self.tile_count > 1
+
+    @property
+    def tile_count(self) -> int:
+        return len(self.rows) * len(self.cols)
+
+    def tiles(self) -> Iterator[Tile]:
+        """The tiles in decoding order (row by row); their weights sum to 1 at every pixel."""
+        row_weights = _blend_weights(self.rows, SPATIAL_FACTOR)
+        col_weights = _blend_weights(self.cols, SPATIAL_FACTOR)
+        for i, (rows, row_weight) in enumerate(zip(self.rows, row_weights)):
+            for j, (cols, col_weight) in enumerate(zip(self.cols, col_weights)):
+                yield Tile(
+                    rows,
+                    cols,
+                    row_weight[:, None] * col_weight[None, :],
+                    _finished(self.rows, i),
+                    _finished(self.cols, j),
+                )
+
+    def describe(self) -> str:
+        frames = f"{self.frames_per_chunk} latent frame{'s' if self.frames_per_chunk > 1 else ''} per pass"
+        if self.frames_per_pass is not None:
+            frames += f", full-rate layers {self.frames_per_pass} video frame(s) at a time"
+        if not self.tiled:
+            return f"untiled, {frames}"
+        return (
+            f"{len(self.rows)}x{len(self.cols)} spatial tiles of up to {self.tile_size} latent px "
+            f"(overlap >= {self.tile_overlap}, linear seam blending), {frames}"
+        )
+
+
+def plan_decode(
+    latent_shape: torch.Size | tuple[int, ...],
+    tile_size: int | None = None,
+    tile_overlap: int | None = None,
+    frames_per_chunk: int = 1,
+    frames_per_pass: int | None = None,
+) -> DecodePlan:
+    """The plan `decode` uses for a latent of this shape. `tile_size=None` (or >= the size): no tiling.
+
+    `tile_size` and `tile_overlap` are in latent pixels (x8 in the video); the overlap defaults to a quarter
+    of the tile. Tiles are spread evenly so that neighbours overlap by at least `tile_overlap`.
+    """
+    if frames_per_chunk < 1 or (frames_per_pass is not None and frames_per_pass < 1):
+        raise ValueError(
+            f"frames_per_chunk {frames_per_chunk} / frames_per_pass {frames_per_pass}: both must be >= 1 "
+            "(frames_per_pass may be None for all frames at once)"
+        )
+    height, width = latent_shape[-2:]
+    if tile_size is None:
+        return DecodePlan(((0, height),), ((0, width),), None, 0, frames_per_chunk, frames_per_pass)
+    overlap = tile_size // 4 if tile_overlap is None else tile_overlap
+    if tile_size < 1 or not 0 <= overlap < tile_size:
+        raise ValueError(
+            f"tile_size {tile_size} / tile_overlap {overlap}: "
+            "need tile_size >= 1 and 0 <= tile_overlap < tile_size (both in latent pixels)"
+        )
+    return DecodePlan(
+        _tile_ranges(height, tile_size, overlap),
+        _tile_ranges(width, tile_size, overlap),
+        tile_size,
+        overlap,
+        frames_per_chunk,
+        frames_per_pass,
+    )
+
+
+def estimate_decode_bytes(
+    plan: DecodePlan,
+    latent_shape: torch.Size | tuple[int, ...],
+    base_dim: int,
+    element_size: int,
+    output_on_device: bool,
+) -> int:
+    """Modelled peak of what the decode allocates on its device (weights and input not included)."""
+    batch, _, frames = latent_shape[:3]
+    tile_pixels = max(b - a for a, b in plan.rows) * max(b - a for a, b in plan.cols)
+    frame_unit = batch * base_dim * tile_pixels * SPATIAL_FACTOR**2 * element_size
+    working = frame_unit * (CACHE_UNITS + _live_units(plan.frames_per_chunk, plan.frames_per_pass))
+    video_frames = 1 + TEMPORAL_FACTOR * (frames - 1)
+    video_pixels = latent_shape[-2] * latent_shape[-1] * SPATIAL_FACTOR**2
+    video = 4 * batch * 3 * video_frames * video_pixels if output_on_device else 0
+    return int(working * (1 + MARGIN_FRACTION)) + video + MARGIN_BYTES
+
+
+def _live_units(frames_per_chunk: int, frames_per_pass: int | None) -> float:
+    """Largest live activations beside the caches, in full-resolution base-width frames.
+
+    The doubled frames kept for the full-rate passes (4 channels-x at 1/16 of the pixels per video frame:
+    `frames_per_chunk` units), plus the larger of the last upsampling (input 0.5, nearest-upsampled 2, output
+    1 per frame) and a full-resolution residual conv (input, buffer with 2 cached frames, output).
+    """
+    per_pass = TEMPORAL_FACTOR * frames_per_chunk
+    if frames_per_pass is not None:
+        per_pass = min(per_pass, frames_per_pass)
+    return frames_per_chunk + max(3.5 * per_pass, 3 * per_pass + 2)
+
+
+def plan_for_budget(
+    latent_shape: torch.Size | tuple[int, ...],
+    budget_bytes: int,
+    base_dim: int,
+    element_size: int,
+    output_on_device: bool,
+    frames_per_chunk: int = 1,
+) -> DecodePlan:
+    """The fastest plan whose `estimate_decode_bytes` fits `budget_bytes`: untiled (exact) if possible with
+    fewer frames per pass, else the tiling with the least decoded area (overlap `BUDGET_TILE_OVERLAP`)."""
+
+    def fits(plan: DecodePlan) -> bool:
+        return (
+            estimate_decode_bytes(plan, latent_shape, base_dim, element_size, output_on_device)
+            <= budget_bytes
+        )
+
+    height, width = latent_shape[-2:]
+    frame_steps = (None, 8, 4, 2, 1)
+    for rows, cols in _tilings_by_area(height, width, BUDGET_TILE_OVERLAP):
+        for frames_per_pass in frame_steps:
+            plan = DecodePlan(
+                rows,
+                cols,
+                max(b - a for a, b in (*rows, *cols)) if len(rows) * len(cols) > 1 else None,
+                BUDGET_TILE_OVERLAP if len(rows) * len(cols) > 1 else 0,
+                frames_per_chunk,
+                frames_per_pass,
+            )
+            if fits(plan):
+                return plan
+    smallest = plan_decode(latent_shape, 1, 0, 1, 1)
+    need = estimate_decode_bytes(smallest, latent_shape, base_dim, element_size, output_on_device)
+    raise ValueError(
+        f"a decode working-memory budget of {budget_bytes / GIB:.2f} GiB cannot decode a latent of shape "
+        f"{tuple(latent_shape)} (even 1-pixel tiles need {need / GIB:.2f} GiB); raise the budget, decode to "
+        "the CPU (output_device='cpu'), or decode fewer frames"
+    )
+
+
+def _tilings_by_area(height: int, width: int, overlap: int) -> list[tuple[tuple, tuple]]:
+    """(row ranges, column ranges) of every even tiling with tiles >= 2 overlaps, least decoded area first."""
+    options = []
+    for row_count in range(1, height + 1):
+        rows = _even_ranges(height, row_count, overlap)
+        if rows is None:
+            break
+        for col_count in range(1, width + 1):
+            cols = _even_ranges(width, col_count, overlap)
+            if cols is None:
+                break
+            area = sum(b - a for a, b in rows) * sum(b - a for a, b in cols)
+            options.append((area, row_count * col_count, rows, cols))
+    options.sort(key=lambda option: option[:2])
+    return [(rows, cols) for _, _, rows, cols in options]
+
+
+def _even_ranges(length: int, count: int, overlap: int) -> tuple[tuple[int, int], ...] | None:
+    if count == 1:
+        return ((0, length),)
+    tile = math.ceil((length + (count - 1) * overlap) / count)
+    if tile < 2 * overlap or tile >= length:
+        return None
+    ranges = _tile_ranges(length, tile, overlap)
+    return ranges if len(ranges) == count else None
+
+
+def _tile_ranges(length: int, tile: int, overlap: int) -> tuple[tuple[int, int], ...]:
+    if tile >= length:
+        return ((0, length),)
+    count = math.ceil((length - overlap) / (tile - overlap))
+    starts = [round(i * (length - tile) / (count - 1)) for i in range(count)]
+    return tuple((start, start + tile) for start in starts)
+
+
+def _finished(ranges: tuple[tuple[int, int], ...], index: int) -> tuple[int, int]:
+    """The part of tile `index` that no later tile along this axis covers."""
+    start, end = ranges[index]
+    return start, ranges[index + 1][0] if index + 1 < len(ranges) else end
+
+
+def _pixels(latent_range: tuple[int, int]) -> slice:
+    return slice(latent_range[0] * SPATIAL_FACTOR, latent_range[1] * SPATIAL_FACTOR)
+
+
+def _blend_weights(ranges: tuple[tuple[int, int], ...], scale: int) -> list[torch.Tensor]:
+    """Per tile, 1-D weights over its video pixels: linear ramps across overlaps, summing to 1 everywhere."""
+    ramps = []
+    for i, (start, end) in enumerate(ranges):
+        pixels = torch.arange(start * scale, end * scale, dtype=torch.float64) + 0.5
+        weight = torch.ones_like(pixels)
+        if i > 0 and ranges[i - 1][1] > start:
+            weight = torch.minimum(weight, (pixels - start * scale) / ((ranges[i - 1][1] - start) * scale))
+        if i + 1 < len(ranges) and ranges[i + 1][0] < end:
+            weight = torch.minimum(weight, (end * scale - pixels) / ((end - ranges[i + 1][0]) * scale))
+        ramps.append(weight)
+    total = torch.zeros(ranges[-1][1] * scale, dtype=torch.float64)
+    for (start, end), weight in zip(ranges, ramps):
+        total[start * scale : end * scale] += weight
+    return [(w / total[s * scale : e * scale]).float() for (s, e), w in zip(ranges, ramps)]
