@@ -19,6 +19,7 @@ Effective TOPS = 4·B·H·L²·D / t; real TOPS = 4·D·BLKQ·BLKK·(selected bl
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.util
 import json
 import math
@@ -48,13 +49,12 @@ from attention_inputs import dit_like_qkv, random_projection, random_qkv  # noqa
 from comfyui_turbodiffusion.turbo_kernels import sla_reference as R  # noqa: E402
 from comfyui_turbodiffusion.turbo_kernels.block_select import select_blocks  # noqa: E402
 from comfyui_turbodiffusion.turbo_kernels.sage_prepass import (  # noqa: E402
-    kv_stats,
     pool_and_quantise,
     quantise_values_fp8,
     sage_prepass,
+    sequence_stats,
 )
 from comfyui_turbodiffusion.turbo_kernels.sla_triton import (  # noqa: E402
-    fold_projection,
     sage_dense_attention_triton,
     sagesla_attention_triton,
     sla_attention_triton,
@@ -63,6 +63,7 @@ from comfyui_turbodiffusion.turbo_kernels.sparse_attention import (  # noqa: E40
     KernelConfig,
     _sparse_attention_kernel,
     bf16_sparse_attention,
+    default_config,
     quantised_attention,
 )
 
@@ -128,13 +129,16 @@ def correctness(
         q, k, v = make(1, length, 2, d, seed=11, device=dev)
         say(f"[check] L={length} B*H=2 inputs={kind}")
         for topk in (0.1, 0.15):
-            prep = sage_prepass(q, k, v, recipe, linear=False)
+            prep = sage_prepass(q, k, v, recipe)
             k_sel = R.selected_block_count(prep.pooled_k.shape[1], topk)
             lut, counts = select_blocks(prep.pooled_q, prep.pooled_k, k_sel)
             scores = F.block_scores(q, k, recipe.blkq, recipe.blkk)
             check(
                 results, f"{kind}/{topk}/sagesla selection mismatches", F.selection_mismatches(lut, scores), 0
             )
+            if k_sel == 0:
+                say(f"  (top-k {topk} selects no block at L={length}: sparse checks skipped)")
+                continue
             out = torch.full_like(q, float("nan"))
             quantised_attention(prep, v, out, recipe.blkq, recipe.blkk, lut=lut, counts=counts)
             check(results, f"{kind}/{topk}/sagesla sparse all written", float((~out.isfinite()).sum()), 0)
@@ -150,6 +154,18 @@ def correctness(
             qh, kh, vh = (R.heads_first(x) for x in (q, k, v))
             emulated = R.tokens_first(R.sage_sparse_attention(qh, kh, vh, lut, counts, recipe), 1)
             check(results, f"{kind}/{topk}/sagesla sparse rel-L2 vs emulation", F.rel_l2(out, emulated), 0.02)
+            if dev == "cuda":
+                fast = torch.full_like(q, float("nan"))
+                config = dataclasses.replace(default_config(q.device), exp_f16=True)
+                quantised_attention(
+                    prep, v, fast, recipe.blkq, recipe.blkk, lut=lut, counts=counts, config=config
+                )
+                check(
+                    results,
+                    f"{kind}/{topk}/sagesla sparse exp-f16 rel-L2 vs fp64",
+                    F.rel_l2(fast, ref),
+                    bound,
+                )
             emu_error = F.rel_l2(emulated, ref)
             check(
                 results,
@@ -164,7 +180,7 @@ def correctness(
 
             blkq, blkk = R.SLA_BLOCKS
             pooled_q, _, _ = pool_and_quantise(q, blkq)
-            stats = kv_stats(k, v, need_vmax=False, linear=False)
+            stats = sequence_stats(k, v, fp8_values=False, proj_l=None)
             pooled_k, _, _ = pool_and_quantise(k, blkk, mean=stats.k_mean)
             sla_lut, sla_counts = select_blocks(
                 pooled_q, pooled_k, R.selected_block_count(pooled_k.shape[1], topk)
@@ -180,7 +196,8 @@ def correctness(
             check(results, f"{kind}/{topk}/sla sparse rel-L2 vs fp64", F.rel_l2(sparse, ref), 5e-3)
             full = sla_attention_triton(q, k, v, proj, topk)
             ref = full_reference(q, k, v, sla_lut, blkq, blkk, proj)
-            check(results, f"{kind}/{topk}/sla full rel-L2 vs fp64", F.rel_l2(full, ref), 5e-3)
+            # Two bf16 roundings (linear branch, then the sum), as in TurboDiffusion: bound 1e-2.
+            check(results, f"{kind}/{topk}/sla full rel-L2 vs fp64", F.rel_l2(full, ref), 1e-2)
         dense = sage_dense_attention_triton(q, k, v, recipe)
         ref = F.masked_attention(q, k, v, None, 1, 1)
         bound = 0.05 if recipe.pv_dtype == "fp8" else 0.04
@@ -200,7 +217,7 @@ def correctness(
             out = sla_attention_triton(q, k, v, proj, topk)
             lut, _ = R.block_map(qh, kh, *R.SLA_BLOCKS, topk)
             ref = full_reference(q, k, v, lut, *R.SLA_BLOCKS, proj)
-            check(results, f"L={odd}/topk={topk}/sla rel-L2", F.rel_l2(out, ref), 5e-3)
+            check(results, f"L={odd}/topk={topk}/sla rel-L2", F.rel_l2(out, ref), 1e-2)
 
 
 def register_report() -> list[str]:
@@ -295,6 +312,12 @@ def bench_dense(timer: Timer, q, k, v, recipe: R.SageRecipe) -> None:
             "sageattention 1.0.6 (dense int8/fp16)", lambda: sageattn(q, k, v, tensor_layout="NHD"), rep=rep
         )
     timer("ours sage dense (int8/fp8)", lambda: sage_dense_attention_triton(q, k, v, recipe), rep=rep)
+    fast = dataclasses.replace(default_config(q.device), exp_f16=True)
+    timer(
+        "ours sage dense exp-f16 (int8/fp8)",
+        lambda: sage_dense_attention_triton(q, k, v, recipe, config=fast),
+        rep=rep,
+    )
 
 
 def bench_sparse(timer: Timer, q, k, v, proj, topk: float, recipe: R.SageRecipe, configs: dict) -> None:
@@ -318,15 +341,31 @@ def bench_sparse(timer: Timer, q, k, v, proj, topk: float, recipe: R.SageRecipe,
         blocks=sage_blocks,
         topk=topk,
     )
+    fast = dataclasses.replace(default_config(q.device), exp_f16=True)
+    timer(
+        f"ours sagesla complete exp-f16 topk={topk}",
+        lambda: sagesla_attention_triton(q, k, v, proj, topk, recipe, config=fast),
+        blocks=sage_blocks,
+        topk=topk,
+    )
 
-    prep = sage_prepass(q, k, v, recipe, linear=True)
+    out = torch.empty_like(q)
+    prep = sage_prepass(q, k, v, recipe, proj_l=proj, linear_out=out)
     k_sel = R.selected_block_count(prep.pooled_k.shape[1], topk)
     lut, counts = select_blocks(prep.pooled_q, prep.pooled_k, k_sel)
-    linear = fold_projection(q, prep.stats.kv, prep.stats.z, proj)
-    out = torch.empty_like(q)
+    fp8 = recipe.pv_dtype == "fp8"
+    for tile, warps, waves in ((32, 8, 4), (64, 8, 2), (32, 4, 8)):
+        timer(
+            f"part stats tile {tile} w{warps} x{waves} (k mean, v scale, KV') topk={topk}",
+            lambda t=tile, w=warps, x=waves: sequence_stats(
+                k, v, fp8_values=fp8, proj_l=proj, tile=t, num_warps=w, waves=x
+            ),
+        )
     timer(
-        f"part kv_stats (k sum, v amax, phi(K)^T V) topk={topk}",
-        lambda: kv_stats(k, v, need_vmax=True, linear=True),
+        f"part pool + int8 q + linear branch topk={topk}",
+        lambda: pool_and_quantise(
+            q, recipe.blkq, quantise=True, linear=prep.stats.linear, linear_out=out, scale_mul=0.1
+        ),
     )
     timer(f"part pool + int8 q topk={topk}", lambda: pool_and_quantise(q, recipe.blkq, quantise=True))
     timer(
@@ -339,11 +378,10 @@ def bench_sparse(timer: Timer, q, k, v, proj, topk: float, recipe: R.SageRecipe,
         f"part block select (k_sel {k_sel}) topk={topk}",
         lambda: select_blocks(prep.pooled_q, prep.pooled_k, k_sel),
     )
-    timer(f"part fold proj_l topk={topk}", lambda: fold_projection(q, prep.stats.kv, prep.stats.z, proj))
     for name, (config, use_desc) in configs.items():
-        for lin in (linear, None):
+        for accumulate in (True, False):
 
-            def kernel(config=config, use_desc=use_desc, lin=lin):
+            def kernel(config=config, use_desc=use_desc, accumulate=accumulate):
                 return quantised_attention(
                     prep,
                     v,
@@ -351,27 +389,31 @@ def bench_sparse(timer: Timer, q, k, v, proj, topk: float, recipe: R.SageRecipe,
                     *sage_blocks,
                     lut=lut,
                     counts=counts,
-                    linear=lin,
+                    accumulate=accumulate,
                     config=config,
                     use_desc=use_desc,
                 )
 
-            label = f"sparse kernel {name}{' + linear' if lin else ''} topk={topk}"
+            label = f"sparse kernel {name}{' + accumulate' if accumulate else ''} topk={topk}"
             timer(label, kernel, blocks=sage_blocks, topk=topk)
 
-    stats = kv_stats(k, v, need_vmax=False, linear=True)
-    pooled_q, _, _ = pool_and_quantise(q, sla_blocks[0])
+    stats = sequence_stats(k, v, fp8_values=False, proj_l=proj)
+    pooled_q, _, _ = pool_and_quantise(q, sla_blocks[0], linear=stats.linear, linear_out=out)
     pooled_k, _, _ = pool_and_quantise(k, sla_blocks[1], mean=stats.k_mean)
     sla_lut, sla_counts = select_blocks(pooled_q, pooled_k, R.selected_block_count(pooled_k.shape[1], topk))
-    sla_linear = fold_projection(q, stats.kv, stats.z, proj)
     for name, config in (("128x64 w8 s3", KernelConfig(128, 8, 3)), ("64x64 w4 s2", KernelConfig(64, 4, 2))):
 
         def sla_kernel(config=config):
             return bf16_sparse_attention(
-                q, k, v, sla_lut, sla_counts, *sla_blocks, linear=sla_linear, config=config, out=out
+                q, k, v, sla_lut, sla_counts, *sla_blocks, accumulate=True, config=config, out=out
             )
 
-        timer(f"sla bf16 sparse kernel {name} + linear topk={topk}", sla_kernel, blocks=sla_blocks, topk=topk)
+        timer(
+            f"sla bf16 sparse kernel {name} + accumulate topk={topk}",
+            sla_kernel,
+            blocks=sla_blocks,
+            topk=topk,
+        )
 
 
 def benchmark_shape(shape: str, topks: list[float], recipe: R.SageRecipe, rows: list, configs: dict) -> None:
@@ -404,13 +446,13 @@ def main() -> None:
     recipe = R.sage_recipe(torch.cuda.get_device_capability(0))
     say(f"recipe {recipe}")
     hopper = torch.cuda.get_device_capability(0)[0] == 9
-    configs = {"64x128 w4 s2 tma": (KernelConfig(64, 4, 2), True)} if hopper else {}
-    configs |= {
-        "64x128 w4 s2 ptr": (KernelConfig(64, 4, 2), False),
-        "64x128 w4 s3 ptr": (KernelConfig(64, 4, 3), False),
+    base = KernelConfig(64, 4, 2) if hopper else KernelConfig(128, 8, 3)
+    configs = {
+        "default": (base, None),
+        "i2f": (dataclasses.replace(base, magic_cvt=False), None),
+        "exp f16": (dataclasses.replace(base, exp_f16=True), None),
+        "ptr s3": (dataclasses.replace(base, num_stages=3), False),
     }
-    if not hopper:
-        configs = {"128x64 w8 s3 ptr": (KernelConfig(128, 8, 3), False), **configs}
     results: dict = {}
     rows: list = []
     start = time.time()

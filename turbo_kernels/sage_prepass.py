@@ -1,23 +1,26 @@
-"""Triton pre-pass of SLA / SageSLA: statistics, pooling, INT8 Q/K and FP8 V (KERNELS.md §1.2, §4.2).
+"""Triton pre-pass of SLA / SageSLA: statistics, pooling, INT8 Q/K, FP8 V and the linear branch
+(KERNELS.md §1.2, §1.4, §4.2).
 
 Everything the block-sparse attention kernel consumes, produced per call from bf16 q, k, v in (B, L, H, D):
 
-1. `kv_stats` (one read of k and v, one program per (token span, head), deterministic partial sums):
-   column sums of k (-> the smoothing mean k̄), per-channel amax of v (-> the FP8 scale), and for the SLA
-   linear branch φ(K)ᵀV (a tensor-core dot per tile) and Σφ(K), φ = softmax over D.
+1. `sequence_stats`: one read of k and v (programs over token spans, deterministic partial sums, 2-D register
+   accumulators reduced once at the end) gives column sums of k, per-channel amax of v and, for the SLA linear
+   branch, φ(K)ᵀV (a tensor-core dot per tile) and Σφ(K), φ = softmax over D; a one-program-per-head finalize
+   kernel turns them into k̄, the FP8 scale amax/2.25 and KV' = (φ(K)ᵀV)·Wᵀ (proj_l folded in, bf16).
 2. `pool_and_quantise` (one program per block of q or k): the pooled mean of the block for the block map
    (over valid tokens only), optionally minus k̄ first (smooth-K), and optionally INT8 per block:
    scale = amax/127 + 1e-7, x̂ = round_half_away(x/scale), stored int8 (N, L, D); the stored scale is
    multiplied by `scale_mul` (sm_scale·log2e for q: the attention kernel then needs one multiply per block
-   pair).
+   pair). For q it also writes the linear branch proj_l(O_lin) = φ(q)·KV' / (φ(q)·Z + 1e-5) + b into the
+   output tensor, which the attention kernel then accumulates into (keeps the attention epilogue small).
 3. `quantise_values_fp8`: V / s_v -> E4M3 (round to nearest even, saturating), stored transposed and
    zero-padded as (N, D, L_pad), L_pad = ceil(L/128)·128, the K-contiguous layout the FP8 P·V dot wants.
 
 Layouts: inputs may be any (B, L, H, D) view whose last dimension is contiguous; N = B·H, n = b·H + h.
-Reference: `sla_reference` (`pooled_queries_keys`, `quantize_int8_blocks`, `quantize_values`); tested in
-tests/test_kernels_interpret.py (TRITON_INTERPRET=1) and on the GPU by bench/attention.py.
-Note: Triton's fp32 division is not IEEE-rounded on the GPU; an INT8 value exactly on a .5 boundary may land
-one step away from the float reference (harmless, covered by the accuracy tolerances).
+Reference: `sla_reference` (`pooled_queries_keys`, `quantize_int8_blocks`, `quantize_values`,
+`linear_branch`); tested in tests/test_kernels_interpret.py (TRITON_INTERPRET=1) and on the GPU by
+bench/attention.py. Note: Triton's fp32 division is not IEEE-rounded on the GPU; an INT8 value exactly on a
+.5 boundary may land one step away from the float reference (covered by the accuracy tolerances).
 """
 
 from __future__ import annotations
@@ -32,7 +35,6 @@ import triton.language as tl
 
 from .sla_reference import LOG2E, V_FP8_MAX, SageRecipe
 
-_STATS_TILE = 64
 _V_TILE = 64
 _V_PAD = 128  # L_pad multiple; also a multiple of every BLOCK_N the attention kernel uses
 
@@ -67,7 +69,13 @@ def to_e4m3(x, INTERPRET: tl.constexpr):
 
 
 @triton.jit
-def _kv_stats_kernel(
+def _softmax_rows(x):
+    e = tl.exp(x - tl.max(x, axis=1)[:, None])
+    return e / tl.sum(e, axis=1)[:, None]
+
+
+@triton.jit
+def _stats_kernel(
     k_ptr,
     v_ptr,
     ksum_ptr,
@@ -97,42 +105,80 @@ def _kv_stats_kernel(
     dims = tl.arange(0, D)
     k_base = k_ptr + b * s_kb + h * s_kh
     v_base = v_ptr + b * s_vb + h * s_vh
-    k_sum = tl.zeros([D], dtype=tl.float32)
-    v_max = tl.zeros([D], dtype=tl.float32)
-    z = tl.zeros([D], dtype=tl.float32)
+    # Element-wise accumulators: one cross-thread reduction at the end instead of one per tile.
+    k_sum = tl.zeros([TILE, D], dtype=tl.float32)
+    v_max = tl.zeros([TILE, D], dtype=tl.float32)
+    z = tl.zeros([TILE, D], dtype=tl.float32)
     kv = tl.zeros([D, D], dtype=tl.float32)
     first = split * tiles_per_split
     last = tl.minimum(first + tiles_per_split, tl.cdiv(L, TILE))
     for t in range(first, last):
         rows = t * TILE + tl.arange(0, TILE)
-        valid = rows < L
-        k = tl.load(
-            k_base + rows[:, None].to(tl.int64) * s_kl + dims[None, :], mask=valid[:, None], other=0.0
-        )
-        k = k.to(tl.float32)
-        k_sum += tl.sum(k, axis=0)
+        valid = rows[:, None] < L
+        offsets = rows[:, None].to(tl.int64)
+        k = tl.load(k_base + offsets * s_kl + dims[None, :], mask=valid, other=0.0).to(tl.float32)
+        k_sum += k
         if NEED_VMAX or LINEAR:
-            v = tl.load(
-                v_base + rows[:, None].to(tl.int64) * s_vl + dims[None, :], mask=valid[:, None], other=0.0
-            )
+            v = tl.load(v_base + offsets * s_vl + dims[None, :], mask=valid, other=0.0)
         if NEED_VMAX:
-            v_max = tl.maximum(v_max, tl.max(tl.abs(v.to(tl.float32)), axis=0))
+            v_max = tl.maximum(v_max, tl.abs(v.to(tl.float32)))
         if LINEAR:
-            e = tl.exp(k - tl.max(k, axis=1)[:, None])
-            phi = e / tl.sum(e, axis=1)[:, None]
-            phi = tl.where(valid[:, None], phi, 0.0)
-            z += tl.sum(phi, axis=0)
+            phi = tl.where(valid, _softmax_rows(k), 0.0)
+            z += phi
             if INTERPRET:
                 kv = tl.dot(tl.trans(phi), v.to(tl.float32), kv)
             else:
                 kv = tl.dot(tl.trans(phi.to(v.dtype)), v, kv)
     out = (n * num_splits + split).to(tl.int64) * D
-    tl.store(ksum_ptr + out + dims, k_sum)
+    tl.store(ksum_ptr + out + dims, tl.sum(k_sum, axis=0))
     if NEED_VMAX:
-        tl.store(vmax_ptr + out + dims, v_max)
+        tl.store(vmax_ptr + out + dims, tl.max(v_max, axis=0))
     if LINEAR:
-        tl.store(z_ptr + out + dims, z)
+        tl.store(z_ptr + out + dims, tl.sum(z, axis=0))
         tl.store(kv_ptr + out * D + dims[:, None] * D + dims[None, :], kv)
+
+
+@triton.jit
+def _finalize_stats_kernel(
+    ksum_ptr,
+    vmax_ptr,
+    kv_ptr,
+    z_ptr,
+    w_ptr,
+    k_mean_ptr,
+    v_scale_ptr,
+    kv_out_ptr,
+    z_out_ptr,
+    L,
+    num_splits,
+    v_max_target,
+    D: tl.constexpr,
+    NEED_VMAX: tl.constexpr,
+    LINEAR: tl.constexpr,
+):
+    n = tl.program_id(0).to(tl.int64)
+    dims = tl.arange(0, D)
+    k_sum = tl.zeros([D], dtype=tl.float32)
+    v_max = tl.zeros([D], dtype=tl.float32)
+    z = tl.zeros([D], dtype=tl.float32)
+    kv = tl.zeros([D, D], dtype=tl.float32)
+    for s in range(num_splits):
+        part = (n * num_splits + s) * D
+        k_sum += tl.load(ksum_ptr + part + dims)
+        if NEED_VMAX:
+            v_max = tl.maximum(v_max, tl.load(vmax_ptr + part + dims))
+        if LINEAR:
+            z += tl.load(z_ptr + part + dims)
+            kv += tl.load(kv_ptr + part * D + dims[:, None] * D + dims[None, :])
+    tl.store(k_mean_ptr + n * D + dims, k_sum / L)
+    if NEED_VMAX:
+        tl.store(v_scale_ptr + n * D + dims, tl.where(v_max > 0, v_max / v_max_target, 1.0))
+    if LINEAR:
+        tl.store(z_out_ptr + n * D + dims, z)
+        # KV' = KV · Wᵀ: proj_l folded into the state, W is (out, in) row-major.
+        w_t = tl.load(w_ptr + dims[None, :] * D + dims[:, None])
+        kv_proj = tl.dot(kv, w_t, input_precision="ieee")
+        tl.store(kv_out_ptr + n * D * D + dims[:, None] * D + dims[None, :], kv_proj.to(tl.bfloat16))
 
 
 @triton.jit
@@ -142,45 +188,61 @@ def _pool_quantise_kernel(
     pooled_ptr,
     x8_ptr,
     scale_ptr,
+    kv_ptr,
+    z_ptr,
+    bias_ptr,
+    out_ptr,
     H,
     L,
     num_blocks,
     s_b,
     s_h,
     s_l,
+    s_ob,
+    s_oh,
+    s_ol,
     scale_mul,
     D: tl.constexpr,
     BLK: tl.constexpr,
     SUBTRACT_MEAN: tl.constexpr,
     QUANT: tl.constexpr,
+    LINEAR: tl.constexpr,
+    INTERPRET: tl.constexpr,
 ):
     blk = tl.program_id(0)
     n = tl.program_id(1)
+    n64 = n.to(tl.int64)
     b = (n // H).to(tl.int64)
     h = (n % H).to(tl.int64)
     dims = tl.arange(0, D)
     rows = blk * BLK + tl.arange(0, BLK)
-    valid = rows < L
-    x = tl.load(
-        x_ptr + b * s_b + h * s_h + rows[:, None].to(tl.int64) * s_l + dims[None, :],
-        mask=valid[:, None],
-        other=0.0,
-    ).to(tl.float32)
+    valid = rows[:, None] < L
+    offsets = rows[:, None].to(tl.int64)
+    x = tl.load(x_ptr + b * s_b + h * s_h + offsets * s_l + dims[None, :], mask=valid, other=0.0).to(
+        tl.float32
+    )
+    if LINEAR:
+        phi = _softmax_rows(x)
+        kv = tl.load(kv_ptr + n64 * D * D + dims[:, None] * D + dims[None, :])
+        if INTERPRET:
+            numerator = tl.dot(phi, kv.to(tl.float32))
+        else:
+            numerator = tl.dot(phi.to(kv.dtype), kv)
+        z = tl.load(z_ptr + n64 * D + dims)
+        denominator = tl.sum(phi * z[None, :], axis=1) + 1e-5  # sla_reference.LINEAR_EPS
+        linear = numerator / denominator[:, None] + tl.load(bias_ptr + dims)[None, :]
+        out_offsets = b * s_ob + h * s_oh + offsets * s_ol + dims[None, :]
+        tl.store(out_ptr + out_offsets, linear.to(out_ptr.dtype.element_ty), mask=valid)
     if SUBTRACT_MEAN:
-        mean = tl.load(mean_ptr + n.to(tl.int64) * D + dims)
-        x = tl.where(valid[:, None], x - mean[None, :], 0.0)
+        x = tl.where(valid, x - tl.load(mean_ptr + n64 * D + dims)[None, :], 0.0)
     count = tl.minimum(BLK, L - blk * BLK)
-    block = n.to(tl.int64) * num_blocks + blk
+    block = n64 * num_blocks + blk
     tl.store(pooled_ptr + block * D + dims, tl.sum(x, axis=0) / count)
     if QUANT:
         scale = tl.max(tl.max(tl.abs(x), axis=1), axis=0) / 127.0 + 1e-7  # sla_reference.INT8_SCALE_EPS
         y = x / scale
         rounded = tl.where(y >= 0, tl.floor(y + 0.5), tl.ceil(y - 0.5))
-        tl.store(
-            x8_ptr + (n.to(tl.int64) * L + rows[:, None]) * D + dims[None, :],
-            rounded.to(tl.int8),
-            mask=valid[:, None],
-        )
+        tl.store(x8_ptr + (n64 * L + offsets) * D + dims[None, :], rounded.to(tl.int8), mask=valid)
         tl.store(scale_ptr + block, scale * scale_mul)
 
 
@@ -216,31 +278,52 @@ def _values_fp8_kernel(
 
 
 @dataclass
-class KVStats:
-    """Per-head reductions over all tokens, float32: k̄, v amax, Σφ(K) (N, D) and φ(K)ᵀV (N, D, D)."""
+class LinearState:
+    """The SLA linear branch reduced over all keys, proj_l folded in: KV' = (φ(K)ᵀV)·Wᵀ bf16 (N, D, D),
+    Z = Σφ(K) float32 (N, D), bias float32 (D,)."""
+
+    kv: torch.Tensor
+    z: torch.Tensor
+    bias: torch.Tensor
+
+
+@dataclass
+class SequenceStats:
+    """Per-head reductions over all tokens: k̄ (N, D), the FP8 V scale (N, D) or None, the linear state."""
 
     k_mean: torch.Tensor
-    v_amax: torch.Tensor | None
-    kv: torch.Tensor | None
-    z: torch.Tensor | None
+    v_scale: torch.Tensor | None
+    linear: LinearState | None
 
 
-def kv_stats(k: torch.Tensor, v: torch.Tensor, *, need_vmax: bool, linear: bool) -> KVStats:
-    """Column sums of k, channel amax of v and the linear-branch state, in one read of k and v."""
+def sequence_stats(
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    fp8_values: bool,
+    proj_l: torch.nn.Module | None,
+    tile: int = 32,
+    num_warps: int = 8,
+    waves: int = 4,
+) -> SequenceStats:
+    """k̄, the FP8 V scale (amax/2.25, when `fp8_values`) and the folded linear state (when proj_l is given).
+
+    tile / num_warps / waves (programs per multiprocessor) are tuning knobs of the partial-sum kernel.
+    """
     batch, length, heads, d = k.shape
     n = batch * heads
-    num_tiles = triton.cdiv(length, _STATS_TILE)
+    num_tiles = triton.cdiv(length, tile)
     sms = torch.cuda.get_device_properties(k.device).multi_processor_count if k.is_cuda else 4
-    # Enough programs for two waves on the GPU; partial sums keep the reduction deterministic.
-    num_splits = max(1, min(num_tiles, triton.cdiv(2 * sms, n)))
+    num_splits = max(1, min(num_tiles, triton.cdiv(waves * sms, n)))
     tiles_per_split = triton.cdiv(num_tiles, num_splits)
     num_splits = triton.cdiv(num_tiles, tiles_per_split)
+    linear = proj_l is not None
     f32 = {"dtype": torch.float32, "device": k.device}
     k_sum = torch.empty((n, num_splits, d), **f32)
-    v_max = torch.empty((n, num_splits, d), **f32) if need_vmax else k_sum
+    v_max = torch.empty((n, num_splits, d), **f32) if fp8_values else k_sum
     kv = torch.empty((n, num_splits, d, d), **f32) if linear else k_sum
     z = torch.empty((n, num_splits, d), **f32) if linear else k_sum
-    _kv_stats_kernel[(num_splits, n)](
+    _stats_kernel[(num_splits, n)](
         k,
         v,
         k_sum,
@@ -254,18 +337,41 @@ def kv_stats(k: torch.Tensor, v: torch.Tensor, *, need_vmax: bool, linear: bool)
         *_strides_bhl(k),
         *_strides_bhl(v),
         D=d,
-        TILE=_STATS_TILE,
-        NEED_VMAX=need_vmax,
+        TILE=tile,
+        NEED_VMAX=fp8_values,
         LINEAR=linear,
         INTERPRET=interpreting(),
+        num_warps=num_warps,
+    )
+    k_mean = torch.empty((n, d), **f32)
+    v_scale = torch.empty((n, d), **f32) if fp8_values else None
+    state = None
+    weight = k_sum
+    if linear:
+        weight = proj_l.weight.detach().to(device=k.device, dtype=torch.float32).contiguous()
+        bias = proj_l.bias
+        bias = torch.zeros(d, **f32) if bias is None else bias.detach().to(**f32).contiguous()
+        kv_proj = torch.empty((n, d, d), dtype=torch.bfloat16, device=k.device)
+        state = LinearState(kv_proj, torch.empty((n, d), **f32), bias)
+    _finalize_stats_kernel[(n,)](
+        k_sum,
+        v_max,
+        kv,
+        z,
+        weight,
+        k_mean,
+        k_mean if v_scale is None else v_scale,
+        k_mean if state is None else state.kv,
+        k_mean if state is None else state.z,
+        length,
+        num_splits,
+        V_FP8_MAX,
+        D=d,
+        NEED_VMAX=fp8_values,
+        LINEAR=linear,
         num_warps=8,
     )
-    return KVStats(
-        k_mean=k_sum.sum(dim=1) / length,
-        v_amax=v_max.amax(dim=1) if need_vmax else None,
-        kv=kv.sum(dim=1) if linear else None,
-        z=z.sum(dim=1) if linear else None,
-    )
+    return SequenceStats(k_mean, v_scale, state)
 
 
 def pool_and_quantise(
@@ -275,10 +381,13 @@ def pool_and_quantise(
     mean: torch.Tensor | None = None,
     quantise: bool = False,
     scale_mul: float = 1.0,
+    linear: LinearState | None = None,
+    linear_out: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """Pooled block means float32 (N, NB, D) of x (minus `mean` (N, D) if given) and optionally INT8 x.
 
-    Returns (pooled, x8 int8 (N, L, D) or None, scale·scale_mul float32 (N, NB) or None).
+    Returns (pooled, x8 int8 (N, L, D) or None, scale·scale_mul float32 (N, NB) or None). With `linear`, x is
+    the query and proj_l(O_lin) is written into `linear_out` (B, L, H, D).
     """
     batch, length, heads, d = x.shape
     n = batch * heads
@@ -286,29 +395,36 @@ def pool_and_quantise(
     pooled = torch.empty((n, num_blocks, d), dtype=torch.float32, device=x.device)
     x8 = torch.empty((n, length, d), dtype=torch.int8, device=x.device) if quantise else pooled
     scale = torch.empty((n, num_blocks), dtype=torch.float32, device=x.device) if quantise else pooled
+    if linear is not None and linear_out is None:
+        raise ValueError(
+            "pool_and_quantise: `linear` needs `linear_out`, the tensor to write the branch into"
+        )
+    out = x if linear_out is None else linear_out
     _pool_quantise_kernel[(num_blocks, n)](
         x,
         pooled if mean is None else mean,
         pooled,
         x8,
         scale,
+        pooled if linear is None else linear.kv,
+        pooled if linear is None else linear.z,
+        pooled if linear is None else linear.bias,
+        out,
         heads,
         length,
         num_blocks,
         *_strides_bhl(x),
+        *_strides_bhl(out),
         scale_mul,
         D=d,
         BLK=blk,
         SUBTRACT_MEAN=mean is not None,
         QUANT=quantise,
-        num_warps=4,
+        LINEAR=linear is not None,
+        INTERPRET=interpreting(),
+        num_warps=4 if blk <= 64 else 8,
     )
     return pooled, (x8 if quantise else None), (scale if quantise else None)
-
-
-def value_scale(v_amax: torch.Tensor) -> torch.Tensor:
-    """Per-channel FP8 scale amax/2.25 (all-zero channels get 1 so that 0/scale stays 0)."""
-    return torch.where(v_amax > 0, v_amax / V_FP8_MAX, torch.ones_like(v_amax))
 
 
 def quantise_values_fp8(v: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -345,18 +461,30 @@ class SagePrepared:
     v_scale: torch.Tensor | None  # float32 (N, D), None for the fp16 recipe
     pooled_q: torch.Tensor  # float32 (N, N_Q, D)
     pooled_k: torch.Tensor  # float32 (N, N_K, D), smoothed
-    stats: KVStats
+    stats: SequenceStats
 
 
 def sage_prepass(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, recipe: SageRecipe, *, linear: bool
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    recipe: SageRecipe,
+    *,
+    proj_l: torch.nn.Module | None = None,
+    linear_out: torch.Tensor | None = None,
 ) -> SagePrepared:
-    """All SageSLA operands from bf16 q, k, v (B, L, H, D): 3 to 4 launches plus tiny reductions."""
+    """All SageSLA operands from bf16 q, k, v (B, L, H, D) in 5 launches; with proj_l the linear branch is
+    written into `linear_out`."""
     fp8 = recipe.pv_dtype == "fp8"
-    stats = kv_stats(k, v, need_vmax=fp8, linear=linear)
-    sm_scale_log2 = LOG2E / math.sqrt(q.shape[-1])
-    pooled_q, q8, q_scale = pool_and_quantise(q, recipe.blkq, quantise=True, scale_mul=sm_scale_log2)
+    stats = sequence_stats(k, v, fp8_values=fp8, proj_l=proj_l)
+    pooled_q, q8, q_scale = pool_and_quantise(
+        q,
+        recipe.blkq,
+        quantise=True,
+        scale_mul=LOG2E / math.sqrt(q.shape[-1]),
+        linear=stats.linear,
+        linear_out=linear_out,
+    )
     pooled_k, k8, k_scale = pool_and_quantise(k, recipe.blkk, mean=stats.k_mean, quantise=True)
-    v_scale = value_scale(stats.v_amax) if fp8 else None
-    v_fp8 = quantise_values_fp8(v, v_scale) if fp8 else None
-    return SagePrepared(q8, q_scale, k8, k_scale, v_fp8, v_scale, pooled_q, pooled_k, stats)
+    v_fp8 = quantise_values_fp8(v, stats.v_scale) if fp8 else None
+    return SagePrepared(q8, q_scale, k8, k_scale, v_fp8, stats.v_scale, pooled_q, pooled_k, stats)

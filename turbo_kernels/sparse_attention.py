@@ -1,5 +1,5 @@
-"""Triton block-sparse attention over a LUT (SLA / SageSLA sparse branch), with a dense variant and the SLA
-linear branch fused into the epilogue (KERNELS.md §1.2-1.6, §4.1, §4.3, §4.5).
+"""Triton block-sparse attention over a LUT (SLA / SageSLA sparse branch), with a dense variant
+(KERNELS.md §1.2-1.6, §4.1, §4.5).
 
 One kernel, specialised by constexpr flags:
 * QUANT: INT8 Q·Kᵀ (q8/k8 from `sage_prepass`, INT32 accumulate, one fp32 scale per block pair with
@@ -8,8 +8,9 @@ One kernel, specialised by constexpr flags:
   2 = E4M3 P̃·V̂ with P̃ = 2^(s - m + 8.807) in [0, 448] and V̂ transposed (N, D, L_pad); each block's FP8 product
   goes into a fresh accumulator that is added in fp32 (`acc += tl.dot(p8, v8)`, the two-level scheme).
 * DENSE: iterate over all key blocks instead of the LUT (SageAttention-style dense path).
-* LINEAR: o += φ(q)·KV' / (φ(q)·Z + 1e-5) + b with KV' = (φ(K)ᵀV)·Wᵀ folded per head beforehand; φ(q) is
-  computed from the bf16 q tile (never from the dequantised INT8 q).
+* ACCUMULATE: add the result to what the output already holds: the q pre-pass writes the SLA linear branch
+  there (computing it in this epilogue, from the bf16 q tile, cost 255 registers and spills on H100, so it was
+  moved out, 2026-11-21).
 * USE_DESC: load q8, k8 and V̂ through TMA tensor descriptors (Hopper; 3-D [N, L, D] / [N, D, L_pad] so that
   tiles zero-fill per head) instead of masked pointer loads.
 
@@ -25,6 +26,7 @@ Reference: `sla_reference.block_sparse_attention` / `sage_sparse_attention` / `l
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -51,22 +53,19 @@ class KernelConfig:
     block_m: int
     num_warps: int
     num_stages: int
+    # INT32 logits -> fp32 by adding 1.5·2^23 to the integer and subtracting it as a float (exact for
+    # |x| < 2^22; |Q̂·K̂| <= 127²·128 < 2^21): plain ALU work instead of the conversion unit, which the
+    # exponentials already saturate.
+    magic_cvt: bool = True
+    # exp2 as packed ex2.approx.f16x2 (twice the exponential rate; P is rounded to E4M3/fp16 afterwards
+    # anyway). GPU only (inline PTX), quantised paths only.
+    exp_f16: bool = False
 
 
 # Hopper: one warpgroup on a 64-row tile, 2 stages (KERNELS.md §0, §2.4: 713 TOPS dense on H100).
 HOPPER_CONFIG = KernelConfig(block_m=64, num_warps=4, num_stages=2)
 # Everything else: 128-row tiles, 8 warps, 3 stages (SageAttention v1 / TurboDiffusion's SLA kernel).
 GENERIC_CONFIG = KernelConfig(block_m=128, num_warps=8, num_stages=3)
-
-
-@dataclass
-class LinearEpilogue:
-    """Linear branch folded through proj_l: KV' = (φ(K)ᵀV)·Wᵀ bf16 (N, D, D), Z = Σφ(K) (N, D), bias (D,)."""
-
-    q: torch.Tensor  # the bf16 queries (B, L, H, D)
-    kv: torch.Tensor
-    z: torch.Tensor
-    bias: torch.Tensor
 
 
 @triton.jit
@@ -80,10 +79,6 @@ def _sparse_attention_kernel(
     lut_ptr,
     count_ptr,
     out_ptr,
-    lin_q_ptr,
-    lin_kv_ptr,
-    lin_z_ptr,
-    lin_b_ptr,
     H,
     L,
     V_PAD,
@@ -102,9 +97,6 @@ def _sparse_attention_kernel(
     s_ob,
     s_oh,
     s_ol,
-    s_lb,
-    s_lh,
-    s_ll,
     qk_scale,
     D: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -113,8 +105,10 @@ def _sparse_attention_kernel(
     QUANT: tl.constexpr,
     PV: tl.constexpr,
     DENSE: tl.constexpr,
-    LINEAR: tl.constexpr,
+    ACCUMULATE: tl.constexpr,
     USE_DESC: tl.constexpr,
+    MAGIC_CVT: tl.constexpr,
+    EXP_F16: tl.constexpr,
     INTERPRET: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -171,9 +165,10 @@ def _sparse_attention_kernel(
                 other=0.0,
             )
         if QUANT:
-            s = tl.dot(q, tl.trans(k)).to(tl.float32) * (
-                q_scale * tl.load(k_scale_ptr + n64 * num_k_blocks + kb)
-            )
+            s_int = tl.dot(q, tl.trans(k))
+            if MAGIC_CVT:
+                s_int = (s_int + 0x4B400000).to(tl.float32, bitcast=True) - 12582912.0
+            s = s_int.to(tl.float32) * (q_scale * tl.load(k_scale_ptr + n64 * num_k_blocks + kb))
         else:
             if INTERPRET:
                 k = k.to(tl.float32)
@@ -182,15 +177,30 @@ def _sparse_attention_kernel(
             s = tl.where(keys[None, :] < L, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         alpha = tl.math.exp2(m_i - m_new)
-        p = tl.math.exp2(s - m_new[:, None] + offset)
-        l_i = l_i * alpha + tl.sum(p, axis=1)
+        if EXP_F16:
+            p = tl.inline_asm_elementwise(
+                "ex2.approx.f16x2 $0, $1;",
+                "=r,r",
+                [(s - m_new[:, None] + offset).to(tl.float16)],
+                dtype=tl.float16,
+                is_pure=True,
+                pack=2,
+            )
+            l_i = l_i * alpha + tl.sum(p.to(tl.float32), axis=1)
+        else:
+            p = tl.math.exp2(s - m_new[:, None] + offset)
+            l_i = l_i * alpha + tl.sum(p, axis=1)
         acc = acc * alpha[:, None]
         if PV == PV_FP8:
             if USE_DESC:
                 vt = v_src.load([n, 0, start]).reshape(D, BLOCK_N)
             else:
                 vt = tl.load(v_src + (n64 * D + dims[:, None]) * V_PAD + keys[None, :])
-            acc += tl.dot(to_e4m3(p, INTERPRET), tl.trans(vt))
+            if EXP_F16:
+                p8 = p.to(tl.float8e4nv)
+            else:
+                p8 = to_e4m3(p, INTERPRET)
+            acc += tl.dot(p8, tl.trans(vt))
         else:
             v = tl.load(
                 v_src + v_base + keys[:, None].to(tl.int64) * s_vl + dims[None, :],
@@ -208,27 +218,10 @@ def _sparse_attention_kernel(
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     if PV == PV_FP8:
         out = out * tl.load(v_scale_ptr + n64 * D + dims)[None, :]
-    if LINEAR:
-        x = tl.load(
-            lin_q_ptr + b * s_lb + h * s_lh + rows[:, None].to(tl.int64) * s_ll + dims[None, :],
-            mask=rows[:, None] < L,
-            other=0.0,
-        ).to(tl.float32)
-        e = tl.exp(x - tl.max(x, axis=1)[:, None])
-        phi = e / tl.sum(e, axis=1)[:, None]
-        kv = tl.load(lin_kv_ptr + (n64 * D + dims[:, None]) * D + dims[None, :])
-        if INTERPRET:
-            numerator = tl.dot(phi, kv.to(tl.float32))
-        else:
-            numerator = tl.dot(phi.to(kv.dtype), kv)
-        z = tl.load(lin_z_ptr + n64 * D + dims)
-        denominator = tl.sum(phi * z[None, :], axis=1) + 1e-5  # sla_reference.LINEAR_EPS
-        out = out + numerator / denominator[:, None] + tl.load(lin_b_ptr + dims)[None, :]
-    tl.store(
-        out_ptr + b * s_ob + h * s_oh + rows[:, None].to(tl.int64) * s_ol + dims[None, :],
-        out.to(out_ptr.dtype.element_ty),
-        mask=rows[:, None] < L,
-    )
+    out_ptrs = out_ptr + b * s_ob + h * s_oh + rows[:, None].to(tl.int64) * s_ol + dims[None, :]
+    if ACCUMULATE:
+        out += tl.load(out_ptrs, mask=rows[:, None] < L, other=0.0).to(tl.float32)
+    tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=rows[:, None] < L)
 
 
 def default_config(device: torch.device) -> KernelConfig:
@@ -271,7 +264,7 @@ def _launch(
     v_scale=None,
     lut=None,
     counts=None,
-    linear: LinearEpilogue | None,
+    accumulate: bool,
     quant: bool,
     pv: int,
     use_desc: bool,
@@ -285,7 +278,6 @@ def _launch(
     num_k_blocks = triton.cdiv(length, blkk)
     dense = lut is None
     placeholder = out
-    lin_q = linear.q if linear is not None else out
     _sparse_attention_kernel[(triton.cdiv(length, config.block_m), batch * heads)](
         q_src,
         k_src,
@@ -296,10 +288,6 @@ def _launch(
         placeholder if dense else lut,
         placeholder if dense else counts,
         out,
-        lin_q,
-        placeholder if linear is None else linear.kv,
-        placeholder if linear is None else linear.z,
-        placeholder if linear is None else linear.bias,
         heads,
         length,
         v_pad,
@@ -310,7 +298,6 @@ def _launch(
         *_bhl(k_like, heads),
         *_bhl(v_like, heads),
         *_bhl(out, heads),
-        *_bhl(lin_q, heads),
         LOG2E / math.sqrt(d),
         D=d,
         BLOCK_M=config.block_m,
@@ -319,8 +306,10 @@ def _launch(
         QUANT=quant,
         PV=pv,
         DENSE=dense,
-        LINEAR=linear is not None,
+        ACCUMULATE=accumulate,
         USE_DESC=use_desc,
+        MAGIC_CVT=config.magic_cvt,
+        EXP_F16=config.exp_f16 and quant and not interpreting(),
         INTERPRET=interpreting(),
         num_warps=config.num_warps,
         num_stages=config.num_stages,
@@ -337,17 +326,18 @@ def bf16_sparse_attention(
     blkq: int,
     blkk: int,
     *,
-    linear: LinearEpilogue | None = None,
+    accumulate: bool = False,
     config: KernelConfig | None = None,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """`sla` sparse branch (+ fused linear branch): bf16/fp16 q, k, v (B, L, H, D) -> (B, L, H, D).
+    """`sla` sparse branch: bf16/fp16 q, k, v (B, L, H, D) -> (B, L, H, D).
 
-    Writes into `out` when given (any (B, L, H, D) tensor with a contiguous last axis).
+    Writes into `out` when given (any (B, L, H, D) tensor with a contiguous last axis), adding to its
+    contents when `accumulate`.
     """
     out = torch.empty_like(q) if out is None else out
     config = config or default_config(q.device)
-    config = KernelConfig(min(config.block_m, blkq), config.num_warps, config.num_stages)
+    config = dataclasses.replace(config, block_m=min(config.block_m, blkq))
     return _launch(
         q,
         k,
@@ -361,7 +351,7 @@ def bf16_sparse_attention(
         blkk=blkk,
         lut=lut,
         counts=counts,
-        linear=linear,
+        accumulate=accumulate,
         quant=False,
         pv=PV_BF16,
         use_desc=False,
@@ -378,17 +368,18 @@ def quantised_attention(
     *,
     lut: torch.Tensor | None = None,
     counts: torch.Tensor | None = None,
-    linear: LinearEpilogue | None = None,
+    accumulate: bool = False,
     config: KernelConfig | None = None,
     use_desc: bool | None = None,
 ) -> torch.Tensor:
-    """SageSLA sparse branch over `lut` (dense when lut is None) from pre-pass operands; writes into `out`.
+    """SageSLA sparse branch over `lut` (dense when lut is None) from pre-pass operands; writes into `out`
+    (adding to its contents when `accumulate`).
 
     `v` is the original (B, L, H, D) V, read directly by the fp16 recipe (prep.v_fp8 is None).
     """
     heads = out.shape[2]
     config = config or default_config(out.device)
-    config = KernelConfig(min(config.block_m, blkq), config.num_warps, config.num_stages)
+    config = dataclasses.replace(config, block_m=min(config.block_m, blkq))
     if use_desc is None:
         use_desc = descriptors_supported(out.device)
     fp8 = prep.v_fp8 is not None
@@ -416,7 +407,7 @@ def quantised_attention(
         v_scale=prep.v_scale,
         lut=lut,
         counts=counts,
-        linear=linear,
+        accumulate=accumulate,
         quant=True,
         pv=PV_FP8 if fp8 else PV_FP16,
         use_desc=use_desc,
