@@ -96,6 +96,7 @@ class ProgressPrinter:
 
     def __init__(self, prompt: dict):
         self.titles = {node_id: node["_meta"]["title"] for node_id, node in prompt.items()}
+        self.shown_tenths: dict[str, int] = {}
 
     def __call__(self, message: dict) -> None:
         data = message["data"]
@@ -103,7 +104,10 @@ class ProgressPrinter:
         if message["type"] == "executing" and data.get("node") is not None:
             print(f"running {title}", flush=True)
         elif message["type"] == "progress":
-            print(f"  {title}: {data['value']}/{data['max']}", flush=True)
+            tenths = data["value"] * 10 // max(1, data["max"])
+            if tenths > self.shown_tenths.get(data["node"], -1):  # at most ten lines per node
+                self.shown_tenths[data["node"]] = tenths
+                print(f"  {title}: {data['value']}/{data['max']}", flush=True)
 
 
 def main() -> int:
