@@ -61,8 +61,12 @@ def wrap_module(
 
 
 def load_to_device(*patchers: TurboPatcher) -> None:
-    """Bring models onto their compute device through ComfyUI (evicting others if memory is short)."""
-    mm.load_models_gpu(list(patchers))
+    """Bring models onto their compute device through ComfyUI (evicting others if memory is short).
+
+    Always whole: our layers are plain torch modules (some hold int8 weights as buffers), which ComfyUI's
+    partial low-VRAM loading would leave on the CPU.
+    """
+    mm.load_models_gpu(list(patchers), force_full_load=True)
 
 
 @dataclass(frozen=True)
@@ -116,4 +120,4 @@ def reconcile_after_sampling(patchers: list[TurboPatcher]) -> None:
         if loaded.model in patchers and not _on_load_device(loaded.model):
             loaded.model_unload()
             mm.current_loaded_models.pop(index)
-    mm.load_models_gpu([patcher for patcher in patchers if _on_load_device(patcher)])
+    load_to_device(*(patcher for patcher in patchers if _on_load_device(patcher)))
