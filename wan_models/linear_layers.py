@@ -1,7 +1,18 @@
-"""Linear layers for the DiT blocks: dense `nn.Linear`, or TurboDiffusion's int8 (`-quant`) storage.
+"""Linear layers for the DiT blocks: dense `nn.Linear`, TurboDiffusion's int8 (`-quant`) storage, or fp8.
 
 A linear factory is `factory(in_features, out_features, bias=True) -> nn.Module`; WanDiT builds the linears
 inside its blocks with it, so the model code does not know how weights are stored.
+
+How the quantised layers compute (`activations`):
+* "w8a8": activations are quantised too and the product runs on int8 / fp8 tensor cores. For `Int8Linear`
+  this is TurboDiffusion's exact semantics (TURBODIFFUSION.md §11): 128×128 activation tiles, int32 sums
+  per 128-wide K block, float32 dequant-accumulate, output in the activation dtype, bias added in it.
+* "weight_only": the weight is dequantised to the activation dtype and multiplied by a dense matmul.
+* "auto" (default): "w8a8" for bf16 / fp16 activations, "weight_only" for float32. TurboDiffusion's
+  quantiser only takes fp16 / bf16 input, so bf16 / fp16 runs (every GPU run, and bf16 on the CPU) follow
+  the reference semantics on every device, the CPU included; a float32 model exists to get the most
+  accurate answer the stored weights allow, which quantising its activations would throw away.
+Which kernel runs on a device is decided in `linear_kernels`.
 """
 
 from __future__ import annotations
@@ -13,19 +24,57 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..turbo_kernels.fp8_linear import E4M3
+from ..turbo_kernels.w8a8_reference import TILE as INT8_TILE
+from ..turbo_kernels.w8a8_reference import dequantize_tiles
+from .linear_kernels import fp8_w8a8_linear, int8_linear
+
 LinearFactory = Callable[..., nn.Module]
-# TurboDiffusion quantises weights in tiles of 128 output rows x 128 input columns (TURBODIFFUSION.md §11.1).
-INT8_TILE = 128
+ACTIVATION_MODES = ("auto", "w8a8", "weight_only")
+HALF_DTYPES = (torch.bfloat16, torch.float16)
 
 
-def dequantize_int8_tiles(int8_weight: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """W[i, j] = int8_weight[i, j] * scale[i // 128, j // 128], returned in `dtype`."""
-    rows, columns = int8_weight.shape
-    per_element = scale.repeat_interleave(INT8_TILE, 0)[:rows].repeat_interleave(INT8_TILE, 1)[:, :columns]
-    return (int8_weight.to(torch.float32) * per_element.to(torch.float32)).to(dtype)
+def quantizes_activations(activations: str, dtype: torch.dtype) -> bool:
+    """Whether a quantised layer in mode `activations` runs W8A8 on inputs of `dtype`."""
+    if activations not in ACTIVATION_MODES:
+        raise ValueError(f"activations must be one of {ACTIVATION_MODES}, got {activations!r}")
+    return activations == "w8a8" or (activations == "auto" and dtype in HALF_DTYPES)
 
 
-class Int8Linear(nn.Module):
+class _QuantisedLinear(nn.Module):
+    """Shared shape bookkeeping and forward of the int8 and fp8 layers (buffers only, no parameters)."""
+
+    def __init__(self, in_features: int, out_features: int, activations: str) -> None:
+        super().__init__()
+        quantizes_activations(activations, torch.bfloat16)  # validates the mode
+        self.in_features = in_features
+        self.out_features = out_features
+        self.activations = activations
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, self.in_features)
+        if quantizes_activations(self.activations, x.dtype):
+            out = self.w8a8(flat)
+        else:
+            out = F.linear(flat, self.dequantized_weight(x.dtype))
+            if self.bias is not None:
+                out = out + self.bias.to(out.dtype)
+        return out.reshape(*x.shape[:-1], self.out_features)
+
+    def w8a8(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def dequantized_weight(self, dtype: torch.dtype) -> torch.Tensor:
+        raise NotImplementedError
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"bias={self.bias is not None}, activations={self.activations}"
+        )
+
+
+class Int8Linear(_QuantisedLinear):
     """A linear layer stored as int8 weights with one float32 scale per 128x128 tile.
 
     Its state (`int8_weight`, `scale`, `bias` buffers) has the key names and shapes of TurboDiffusion's
@@ -40,10 +89,9 @@ class Int8Linear(nn.Module):
         bias: bool = True,
         device: torch.device | str | None = None,
         bias_dtype: torch.dtype = torch.bfloat16,
+        activations: str = "auto",
     ) -> None:
-        super().__init__()
-        self.in_features = in_features
-        self.out_features = out_features
+        super().__init__(in_features, out_features, activations)
         scale_shape = (math.ceil(out_features / INT8_TILE), math.ceil(in_features / INT8_TILE))
         self.register_buffer(
             "int8_weight", torch.empty(out_features, in_features, dtype=torch.int8, device=device)
@@ -53,20 +101,52 @@ class Int8Linear(nn.Module):
             "bias", torch.empty(out_features, dtype=bias_dtype, device=device) if bias else None
         )
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.matmul(x.reshape(-1, self.in_features))
-        if self.bias is not None:
-            out = out + self.bias.to(out.dtype)
-        return out.reshape(*x.shape[:-1], self.out_features)
+    def w8a8(self, x: torch.Tensor) -> torch.Tensor:
+        return int8_linear(x, self.int8_weight, self.scale, self.bias)
 
-    def matmul(self, x: torch.Tensor) -> torch.Tensor:
-        """x [M, in] @ W^T in x's dtype, without bias. A fused W8A8 GPU kernel replaces this one method."""
-        return F.linear(x, dequantize_int8_tiles(self.int8_weight, self.scale, x.dtype))
+    def dequantized_weight(self, dtype: torch.dtype) -> torch.Tensor:
+        return dequantize_tiles(self.int8_weight, self.scale, dtype)
 
-    def extra_repr(self) -> str:
-        return (
-            f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+class Fp8Linear(_QuantisedLinear):
+    """A linear layer stored as float8_e4m3fn weights with one float32 scale per output channel.
+
+    State: `weight` (e4m3 [out, in]), `weight_scale` (float32 [out]), `bias`; W[n, k] = weight[n, k] ·
+    weight_scale[n]. In "w8a8" mode activations get one e4m3 scale per token (`turbo_kernels.fp8_linear`).
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        device: torch.device | str | None = None,
+        bias_dtype: torch.dtype = torch.bfloat16,
+        activations: str = "auto",
+    ) -> None:
+        super().__init__(in_features, out_features, activations)
+        self.register_buffer("weight", torch.empty(out_features, in_features, dtype=E4M3, device=device))
+        self.register_buffer("weight_scale", torch.empty(out_features, dtype=torch.float32, device=device))
+        self.register_buffer(
+            "bias", torch.empty(out_features, dtype=bias_dtype, device=device) if bias else None
         )
+
+    def w8a8(self, x: torch.Tensor) -> torch.Tensor:
+        return fp8_w8a8_linear(x, self.weight, self.weight_scale, self.bias)
+
+    def dequantized_weight(self, dtype: torch.dtype) -> torch.Tensor:
+        return (self.weight.float() * self.weight_scale[:, None]).to(dtype)
+
+
+QUANTISED_LINEARS = (Int8Linear, Fp8Linear)
+
+
+def set_linear_activations(model: nn.Module, activations: str) -> None:
+    """Set how every quantised linear of `model` computes: "auto", "w8a8" or "weight_only"."""
+    quantizes_activations(activations, torch.bfloat16)
+    for module in model.modules():
+        if isinstance(module, QUANTISED_LINEARS):
+            module.activations = activations
 
 
 def dense_linear_factory(
@@ -87,5 +167,16 @@ def int8_linear_factory(
 
     def make(in_features: int, out_features: int, bias: bool = True) -> nn.Module:
         return Int8Linear(in_features, out_features, bias=bias, device=device, bias_dtype=bias_dtype)
+
+    return make
+
+
+def fp8_linear_factory(
+    bias_dtype: torch.dtype = torch.bfloat16, device: torch.device | str | None = None
+) -> LinearFactory:
+    """`Fp8Linear` layers (models quantised to fp8 at load time)."""
+
+    def make(in_features: int, out_features: int, bias: bool = True) -> nn.Module:
+        return Fp8Linear(in_features, out_features, bias=bias, device=device, bias_dtype=bias_dtype)
 
     return make

@@ -1,0 +1,169 @@
+"""The one place deciding which implementation runs the quantised linears on a device.
+
+* int8 W8A8 (`Int8Linear`): the Triton kernels of `turbo_kernels.int8_gemm` on CUDA GPUs of compute
+  capability >= 8.0 with Triton >= 3.2; the exact PyTorch path of `turbo_kernels.w8a8_reference` elsewhere.
+* fp8 W8A8 (`Fp8Linear`): `torch._scaled_mm` on GPUs with FP8 tensor cores (>= 8.9); the float32 reference
+  of `turbo_kernels.fp8_linear` elsewhere.
+
+A fast path is checked once per device against its reference on a small random problem before it is used;
+if it fails or disagrees (a Triton or driver version this was not tested with), the reference runs instead
+and the reason is logged once.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError, version
+
+import torch
+
+from ..turbo_kernels.fp8_linear import SCALED_MM_MIN_CAPABILITY, fp8_linear, quantize_rows_e4m3
+from ..turbo_kernels.w8a8_reference import quantize_tiles, w8a8_linear
+
+logger = logging.getLogger(__name__)
+
+MIN_TRITON = (3, 2)
+MIN_INT8_CAPABILITY = (8, 0)
+# Self-check problem: ragged M and two K tiles, bf16 like the model's activations.
+CHECK_SHAPE = (200, 256, 384)  # M, K, N
+# Fast and reference paths may differ by one bf16 rounding (FMA accumulation); allow two bf16 ulps.
+CHECK_RELATIVE_TOLERANCE = 2**-7
+
+
+@dataclass(frozen=True)
+class LinearPlan:
+    """`path` is "triton", "scaled_mm" or "reference"; `reason` says why, for the log."""
+
+    path: str
+    reason: str
+
+
+def plan_int8(
+    device: torch.device, triton_version: tuple[int, int] | None, capability: tuple[int, int] | None
+) -> LinearPlan:
+    """Which int8 W8A8 implementation suits a device (pure; the self-check comes on top)."""
+    if device.type != "cuda" or capability is None:
+        return LinearPlan("reference", f"int8 linears on {device.type}: exact PyTorch W8A8 path")
+    if triton_version is None or triton_version < MIN_TRITON:
+        return LinearPlan(
+            "reference", "int8 linears: Triton >= 3.2 is not installed, using the PyTorch W8A8 path (slow)"
+        )
+    if capability < MIN_INT8_CAPABILITY:
+        return LinearPlan(
+            "reference",
+            f"int8 linears: sm{capability[0]}{capability[1]} has no int8 tensor-core path in Triton; "
+            f"using the PyTorch W8A8 path (slow)",
+        )
+    return LinearPlan("triton", "int8 linears: Triton W8A8 kernels")
+
+
+def plan_fp8(device: torch.device, capability: tuple[int, int] | None) -> LinearPlan:
+    """Which fp8 implementation suits a device (pure; the self-check comes on top)."""
+    if device.type != "cuda" or capability is None:
+        return LinearPlan("reference", f"fp8 linears on {device.type}: float32 reference path")
+    if capability < SCALED_MM_MIN_CAPABILITY:
+        return LinearPlan(
+            "reference",
+            f"fp8 linears: sm{capability[0]}{capability[1]} has no FP8 tensor cores; float32 reference path "
+            f"(slow; prefer int8 on this GPU)",
+        )
+    return LinearPlan("scaled_mm", "fp8 linears: torch._scaled_mm with row-wise scales")
+
+
+def int8_linear(
+    x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
+    """W8A8 int8 linear of a 2-D x on the fastest path that passed its self-check on x's device."""
+    if _int8_path(x.device) == "triton":
+        from ..turbo_kernels.int8_gemm import w8a8_linear_triton
+
+        return w8a8_linear_triton(x, codes, scale, bias)
+    return w8a8_linear(x, codes, scale, bias)
+
+
+def fp8_w8a8_linear(
+    x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
+    """FP8 W8A8 linear of a 2-D x on the fastest path that passed its self-check on x's device."""
+    return fp8_linear(x, codes, scale, bias, use_scaled_mm=_fp8_path(x.device) == "scaled_mm")
+
+
+def _capability(device: torch.device) -> tuple[int, int] | None:
+    if device.type == "cuda" and torch.cuda.is_available():
+        return torch.cuda.get_device_capability(device)
+    return None
+
+
+def _triton_version() -> tuple[int, int] | None:
+    try:
+        major, minor = version("triton").split(".")[:2]
+        return int(major), int(minor)
+    except (PackageNotFoundError, ValueError):
+        return None
+
+
+@functools.cache
+def _int8_path(device: torch.device) -> str:
+    plan = plan_int8(device, _triton_version(), _capability(device))
+    if plan.path == "triton":
+        plan = _checked(plan, device, _compare_int8)
+    _log(plan, device)
+    return plan.path
+
+
+@functools.cache
+def _fp8_path(device: torch.device) -> str:
+    plan = plan_fp8(device, _capability(device))
+    if plan.path == "scaled_mm":
+        plan = _checked(plan, device, _compare_fp8)
+    _log(plan, device)
+    return plan.path
+
+
+def _log(plan: LinearPlan, device: torch.device) -> None:
+    """A GPU running a reference path is worth a warning; the CPU always runs it."""
+    slow_gpu = plan.path == "reference" and device.type == "cuda"
+    logger.log(logging.WARNING if slow_gpu else logging.INFO, plan.reason)
+
+
+def _checked(plan: LinearPlan, device: torch.device, compare) -> LinearPlan:
+    try:
+        error = compare(device)
+    except Exception as failure:  # compiler, driver or PyTorch-version failures all mean "do not use"
+        return LinearPlan("reference", f"{plan.reason} failed on {device} ({failure!r}); using the reference")
+    if error > CHECK_RELATIVE_TOLERANCE:
+        return LinearPlan(
+            "reference",
+            f"{plan.reason} disagree with the reference on {device} (error {error:.2e}); using the reference",
+        )
+    return plan
+
+
+def _check_problem(device: torch.device):
+    generator = torch.Generator().manual_seed(0)
+    rows, depth, columns = CHECK_SHAPE
+    x = torch.randn(rows, depth, generator=generator).to(device, torch.bfloat16)
+    weight = torch.randn(columns, depth, generator=generator).to(device)
+    bias = torch.randn(columns, generator=generator).to(device, torch.bfloat16)
+    return x, weight, bias
+
+
+def _relative_error(fast: torch.Tensor, reference: torch.Tensor) -> float:
+    return ((fast.float() - reference.float()).abs().max() / reference.float().abs().max()).item()
+
+
+def _compare_int8(device: torch.device) -> float:
+    from ..turbo_kernels.int8_gemm import w8a8_linear_triton
+
+    x, weight, bias = _check_problem(device)
+    codes, scale = quantize_tiles(weight)
+    return _relative_error(w8a8_linear_triton(x, codes, scale, bias), w8a8_linear(x, codes, scale, bias))
+
+
+def _compare_fp8(device: torch.device) -> float:
+    x, weight, bias = _check_problem(device)
+    codes, scale = quantize_rows_e4m3(weight)
+    fast = fp8_linear(x, codes, scale, bias, use_scaled_mm=True)
+    return _relative_error(fast, fp8_linear(x, codes, scale, bias, use_scaled_mm=False))
