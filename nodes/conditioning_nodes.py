@@ -101,7 +101,7 @@ class TD_TextEncode:
     def encode(self, text_encoder, text):
         load_to_device(text_encoder)
         context = text_encoder.network.encode([text])
-        return (text_conditioning(context.to(mm.intermediate_device())),)
+        return (text_conditioning(context.to(mm.intermediate_device(), torch.float32)),)
 
 
 class TD_EmptyVideoLatent:

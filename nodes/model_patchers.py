@@ -89,16 +89,20 @@ def loaded_models_of_ours() -> list[LoadedModelInfo]:
     ]
 
 
-def unload_models_of_ours() -> list[LoadedModelInfo]:
-    """Unload every model of ours from ComfyUI's loaded list; returns what was unloaded."""
+def _unload_where(predicate) -> list[LoadedModelInfo]:
     unloaded = []
     for index in range(len(mm.current_loaded_models) - 1, -1, -1):
         loaded = mm.current_loaded_models[index]
-        if isinstance(loaded.model, TurboPatcher):
+        if predicate(loaded.model):
             unloaded.append(_describe(loaded))
             loaded.model_unload()
             mm.current_loaded_models.pop(index)
     return unloaded
+
+
+def unload_models_of_ours() -> list[LoadedModelInfo]:
+    """Unload every model of ours from ComfyUI's loaded list; returns what was unloaded."""
+    return _unload_where(lambda patcher: isinstance(patcher, TurboPatcher))
 
 
 def _on_load_device(patcher: TurboPatcher) -> bool:
@@ -115,9 +119,5 @@ def reconcile_after_sampling(patchers: list[TurboPatcher]) -> None:
     """
     if len(patchers) < 2:
         return
-    for index in range(len(mm.current_loaded_models) - 1, -1, -1):
-        loaded = mm.current_loaded_models[index]
-        if loaded.model in patchers and not _on_load_device(loaded.model):
-            loaded.model_unload()
-            mm.current_loaded_models.pop(index)
+    _unload_where(lambda patcher: patcher in patchers and not _on_load_device(patcher))
     load_to_device(*(patcher for patcher in patchers if _on_load_device(patcher)))
