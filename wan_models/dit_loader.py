@@ -23,8 +23,9 @@ from .attention import make_self_attention, sdpa_attention
 from .checkpoint_io import CheckpointError, read_safetensors_metadata, read_state_dict
 from .config import WanDiTConfig, config_from_state_dict
 from .dit import AttentionFn, WanDiT
-from .fp8_formats import dequantize_comfy_fp8, has_comfy_fp8, is_fp8_auxiliary_key
-from .linear_layers import int8_linear_factory
+from .fp8_formats import FP8_DTYPES, dequantize_comfy_fp8, has_comfy_fp8, is_fp8_auxiliary_key
+from .linear_layers import LinearFactory, fp8_linear_factory, int8_linear_factory
+from .quantize import convert_linear_weights_, quantized_linear_names, target_storage
 
 WRAPPER_SEGMENT = "_checkpoint_wrapped_module."
 # Full ComfyUI checkpoints bundle the VAE and text encoder beside the DiT under this prefix.
@@ -127,15 +128,33 @@ def load_dit(
     dtype: torch.dtype | None = None,
     attention: str | AttentionFn = "sdpa",
     sla_topk: float = 0.1,
+    linear_quant: str = "auto",
+    quantize_device: str | torch.device | None = None,
 ) -> WanDiT:
     """A WanDiT with the weights of a file or folder, ready for inference.
 
     dtype None keeps the file's floating dtype (bf16 for fp8 files); int8 weights stay int8 and norm
     weights float32 in every case. `attention` is a backend name for `make_self_attention` or a function.
+
+    `linear_quant` sets how the linears inside the blocks are stored: "auto" as in the file (int8 for
+    `-quant` files, dense otherwise; ComfyUI fp8 files are dequantised), "none" dense (int8 weights are
+    dequantised), "int8" TurboDiffusion's `-quant` format (quantised from the stored weights, bit-exact to
+    the reference quantiser), "fp8" e4m3 with per-channel scales. Converting reads the file to the CPU and
+    converts one layer at a time on `quantize_device` (default `device`; pass the GPU when loading to the
+    CPU), so memory never holds two copies of the model.
     """
     path = Path(path)
+    target_storage(linear_quant, "dense")  # validates the option before the file is read
     try:
-        return _load(path, torch.device(device), dtype, attention, sla_topk)
+        return _load(
+            path,
+            torch.device(device),
+            dtype,
+            attention,
+            sla_topk,
+            linear_quant,
+            torch.device(quantize_device) if quantize_device is not None else torch.device(device),
+        )
     except CheckpointError as error:
         raise CheckpointError(f"{path.name}: {error}") from None
 
@@ -157,9 +176,16 @@ def require_kind(model: WanDiT, kind: str) -> None:
 
 
 def _load(
-    path: Path, device: torch.device, dtype: torch.dtype | None, attention: str | AttentionFn, sla_topk: float
+    path: Path,
+    device: torch.device,
+    dtype: torch.dtype | None,
+    attention: str | AttentionFn,
+    sla_topk: float,
+    linear_quant: str,
+    quantize_device: torch.device,
 ) -> WanDiT:
-    state = read_state_dict(path, device)
+    # A conversion may shrink the model: read to the CPU and move each tensor once it has its final form.
+    state = read_state_dict(path, device if linear_quant == "auto" else "cpu")
     metadata = read_safetensors_metadata(path)
     fp8 = has_comfy_fp8(state, metadata)
     if fp8:
@@ -169,19 +195,34 @@ def _load(
     del state
     dtype = dtype or weights["patch_embedding.weight"].dtype
     self_attention = make_self_attention(attention, sla_topk) if isinstance(attention, str) else attention
+    stored = "int8" if layout.quantized else "dense"
+    target = target_storage(linear_quant, stored)
     with torch.device("meta"):
-        model = _build(layout, self_attention, dtype)
+        model = _build(layout, self_attention, dtype, stored)
     _check_keys_and_shapes(weights, model, layout)
-    _cast_for_compute_(weights, dtype)
+    if target != stored:
+        with torch.device("meta"):
+            converted = _build(layout, self_attention, dtype, target)
+        names = quantized_linear_names(model if stored != "dense" else converted)
+        convert_linear_weights_(weights, names, stored, target, quantize_device, device)
+        model = converted
+    _cast_for_compute_(weights, dtype, device)
     model.load_state_dict(weights, strict=True, assign=True)
     model.source = str(path)
     return model.requires_grad_(False).eval()
 
 
-def _build(layout: DiTLayout, self_attention: AttentionFn, dtype: torch.dtype) -> WanDiT:
-    factory = int8_linear_factory(bias_dtype=dtype) if layout.quantized else nn.Linear
+def _build(layout: DiTLayout, self_attention: AttentionFn, dtype: torch.dtype, storage: str) -> WanDiT:
+    factories: dict[str, LinearFactory] = {
+        "dense": nn.Linear,
+        "int8": int8_linear_factory(bias_dtype=dtype),
+        "fp8": fp8_linear_factory(bias_dtype=dtype),
+    }
     return WanDiT(
-        layout.config, self_attention=self_attention, cross_attention=sdpa_attention, linear_factory=factory
+        layout.config,
+        self_attention=self_attention,
+        cross_attention=sdpa_attention,
+        linear_factory=factories[storage],
     )
 
 
@@ -279,16 +320,21 @@ def _family(diffusers: bool, quantized: bool, patch: torch.Tensor, prefix: str, 
     return "comfyui" if fp8 or prefix == COMFYUI_CHECKPOINT_PREFIX else "original"
 
 
-def _cast_for_compute_(weights: dict[str, torch.Tensor], dtype: torch.dtype) -> None:
-    """Cast in place, one tensor at a time, so the old copy of each is freed as soon as it is replaced."""
+def _cast_for_compute_(weights: dict[str, torch.Tensor], dtype: torch.dtype, device: torch.device) -> None:
+    """Cast and move in place, one tensor at a time, so the old copy of each is freed as soon as it is
+    replaced. Integer and fp8 weights keep their dtype."""
     for key, tensor in weights.items():
-        if not tensor.is_floating_point():
+        if not tensor.is_floating_point() or tensor.dtype in FP8_DTYPES:
+            weights[key] = tensor.to(device)
             continue
-        keep_float32 = FLOAT32_KEYS.search(key) or _is_int8_scale(key, weights)
-        weights[key] = tensor.to(torch.float32 if keep_float32 else dtype)
+        keep_float32 = FLOAT32_KEYS.search(key) or _is_quantization_scale(key, weights)
+        weights[key] = tensor.to(device, torch.float32 if keep_float32 else dtype)
 
 
-def _is_int8_scale(key: str, weights: Mapping[str, torch.Tensor]) -> bool:
+def _is_quantization_scale(key: str, weights: Mapping[str, torch.Tensor]) -> bool:
+    """The float32 scale of an int8 (`scale`) or fp8 (`weight_scale`) linear."""
+    if key.endswith(".weight_scale"):
+        return key[: -len("_scale")] in weights
     return key.endswith(".scale") and key[: -len("scale")] + "int8_weight" in weights
 
 

@@ -1,0 +1,171 @@
+"""Quantise at load (`load_dit(linear_quant=...)`): a bf16 checkpoint becomes exactly the `-quant` format made
+by the spec formula (TURBODIFFUSION.md §3.1, §11.1; formula in dit_reference.quantize_tiles_int8), or fp8;
+conversions run one layer at a time; the converted models stay close to diffusers' output."""
+
+from __future__ import annotations
+
+import weakref
+
+import pytest
+import torch
+from comfyui_turbodiffusion.wan_models import quantize
+from comfyui_turbodiffusion.wan_models.dit_loader import detect_dit_layout, load_dit
+from comfyui_turbodiffusion.wan_models.linear_layers import Fp8Linear, Int8Linear
+from dit_reference import (
+    BLOCK_LINEARS,
+    diffusers_forward,
+    make_diffusers_model,
+    make_inputs,
+    quantize_tiles_int8,
+    to_original_layout,
+    to_quant_layout,
+    to_turbodiffusion_layout,
+)
+from quant_formulas import dequantize_tiles_f64, fp8_rows_quantize_f64, relative_l2
+from safetensors.torch import save_file
+
+
+@pytest.fixture(scope="module")
+def release(tmp_path_factory):
+    """One random model as TurboDiffusion's release files: bf16 (float32 norms) and the -quant made from it
+    by the spec formula, plus diffusers' float32 outputs of the same weights."""
+    folder = tmp_path_factory.mktemp("release")
+    diffusers_model = make_diffusers_model(16, seed=21)
+    turbo = to_turbodiffusion_layout(to_original_layout(diffusers_model.state_dict()))
+    bf16 = {key: value if ".norm" in key else value.to(torch.bfloat16) for key, value in turbo.items()}
+    quant = to_quant_layout(bf16)
+    torch.save(bf16, folder / "TurboWan-tiny.pth")
+    torch.save(quant, folder / "TurboWan-tiny-quant.pth")
+    inputs = make_inputs(16, seed=22)
+    return {
+        "folder": folder,
+        "bf16": bf16,
+        "quant": quant,
+        "inputs": inputs,
+        "expected": diffusers_forward(diffusers_model, *inputs),
+    }
+
+
+def _relative_output_error(model, release) -> float:
+    with torch.no_grad():
+        out = model(*release["inputs"][:3])
+    return relative_l2(out, release["expected"])
+
+
+def test_int8_at_load_is_bit_exact_to_the_quant_file(release):
+    folder = release["folder"]
+    converted = load_dit(folder / "TurboWan-tiny.pth", linear_quant="int8")
+    from_quant_file = load_dit(folder / "TurboWan-tiny-quant.pth")
+
+    ours, theirs = converted.state_dict(), from_quant_file.state_dict()
+    assert ours.keys() == theirs.keys()
+    for key in theirs:
+        assert ours[key].dtype == theirs[key].dtype, key
+        assert torch.equal(ours[key], theirs[key]), key
+    for key, value in release["quant"].items():
+        assert torch.equal(ours[key].to(value.dtype), value), key
+    layer = converted.blocks[1].ffn[0]
+    assert isinstance(layer, Int8Linear)
+    assert (layer.int8_weight.dtype, layer.scale.dtype, layer.bias.dtype) == (
+        torch.int8,
+        torch.float32,
+        torch.bfloat16,
+    )
+    assert detect_dit_layout(ours).family == "turbodiffusion-quant"
+
+
+def test_int8_at_load_from_an_original_safetensors_file(tmp_path, release):
+    """Original Wan layout (5-D patch embedding, safetensors, no SLA): the same formula per block linear."""
+    original = {
+        key: value
+        for key, value in release["bf16"].items()
+        if ".proj_l." not in key and key != "patch_embedding.weight"
+    }
+    original["patch_embedding.weight"] = release["bf16"]["patch_embedding.weight"].reshape(-1, 16, 1, 2, 2)
+    save_file(original, tmp_path / "diffusion_pytorch_model.safetensors")
+
+    model = load_dit(tmp_path / "diffusion_pytorch_model.safetensors", linear_quant="int8")
+
+    state = model.state_dict()
+    for index in range(2):
+        for linear in BLOCK_LINEARS:
+            name = f"blocks.{index}.{linear}"
+            codes, scale = quantize_tiles_int8(original[name + ".weight"])
+            assert torch.equal(state[name + ".int8_weight"], codes)
+            assert torch.equal(state[name + ".scale"], scale)
+    assert _relative_output_error(model, release) < 1.5e-2
+
+
+def test_auto_keeps_the_stored_format_and_none_dequantises(release):
+    folder = release["folder"]
+    dense = load_dit(folder / "TurboWan-tiny.pth")
+    assert isinstance(dense.blocks[0].self_attn.q, torch.nn.Linear)
+
+    dequantised = load_dit(folder / "TurboWan-tiny-quant.pth", linear_quant="none", dtype=torch.float32)
+    q = dequantised.blocks[0].self_attn.q
+    assert isinstance(q, torch.nn.Linear) and q.weight.dtype == torch.float32
+    expected = dequantize_tiles_f64(
+        release["quant"]["blocks.0.self_attn.q.int8_weight"], release["quant"]["blocks.0.self_attn.q.scale"]
+    )
+    assert torch.equal(q.weight.double(), expected)
+
+
+def test_fp8_at_load(release):
+    model = load_dit(release["folder"] / "TurboWan-tiny.pth", linear_quant="fp8")
+
+    layer = model.blocks[0].ffn[2]
+    assert isinstance(layer, Fp8Linear) and layer.weight.dtype == torch.float8_e4m3fn
+    codes, scale = fp8_rows_quantize_f64(release["bf16"]["blocks.0.ffn.2.weight"])
+    assert torch.equal(layer.weight.double(), codes)
+    assert torch.equal(layer.weight_scale.double(), scale)
+    assert layer.bias.dtype == torch.bfloat16
+    assert _relative_output_error(model, release) < 3e-2
+
+
+def test_quant_file_to_fp8_and_w8a8_accuracy(release):
+    folder = release["folder"]
+    int8 = load_dit(folder / "TurboWan-tiny-quant.pth")
+    fp8 = load_dit(folder / "TurboWan-tiny-quant.pth", linear_quant="fp8")
+    assert isinstance(fp8.blocks[1].cross_attn.o, Fp8Linear)
+    # Measured rel-L2 against diffusers in float32: bf16 dense 0.005, int8 W8A8 0.009, fp8 0.019.
+    assert _relative_output_error(int8, release) < 1.5e-2
+    assert _relative_output_error(fp8, release) < 3e-2
+
+
+def test_in_place_model_quantisation_equals_quantise_at_load(release):
+    folder = release["folder"]
+    model = load_dit(folder / "TurboWan-tiny.pth")
+    quantize.quantize_model_linears_(model, "int8")
+    expected = load_dit(folder / "TurboWan-tiny.pth", linear_quant="int8").state_dict()
+    state = model.state_dict()
+    assert state.keys() == expected.keys()
+    assert all(torch.equal(state[key], expected[key]) for key in expected)
+    assert isinstance(model.blocks[0].self_attn.attn_op.local_attn.proj_l, torch.nn.Linear)
+
+
+def test_conversion_frees_each_layer_before_the_next(monkeypatch):
+    """Peak memory: when layer k is converted, the dense originals of layers < k are gone already."""
+    names = [f"blocks.{i}.ffn.0" for i in range(4)]
+    weights = {f"{name}.weight": torch.randn(256, 256) for name in names}
+    weights.update({f"{name}.bias": torch.randn(256) for name in names})
+    originals = [weakref.ref(weights[f"{name}.weight"]) for name in names]
+    alive_at_each_call = []
+    quantise = quantize.quantize_tiles
+
+    def counting(dense):
+        alive_at_each_call.append(sum(ref() is not None for ref in originals))
+        return quantise(dense)
+
+    monkeypatch.setattr(quantize, "quantize_tiles", counting)
+    quantize.convert_linear_weights_(
+        weights, names, "dense", "int8", torch.device("cpu"), torch.device("cpu")
+    )
+
+    assert alive_at_each_call == [4, 3, 2, 1]
+    assert all(ref() is None for ref in originals)
+    assert sorted(weights) == sorted(f"{n}.{k}" for n in names for k in ("int8_weight", "scale", "bias"))
+
+
+def test_bad_option_is_refused_before_reading(tmp_path):
+    with pytest.raises(ValueError, match="linear_quant must be one of"):
+        load_dit(tmp_path / "missing.pth", linear_quant="int4")

@@ -1,0 +1,117 @@
+"""Changing how the block linears of a Wan DiT are stored: dense, int8 or fp8 (issue 6, "quantise at load").
+
+* int8: exactly TurboDiffusion's `-quant` format (TURBODIFFUSION.md §3.1, §11.1): `int8_weight` + one float32
+  `scale` per 128×128 tile, made with the same quantiser the reference uses for weights and activations.
+  Quantising a bf16 checkpoint therefore gives bit for bit the tensors of a `-quant` file made from it.
+* fp8: float8_e4m3fn `weight` + one float32 `weight_scale` per output channel (`turbo_kernels.fp8_linear`).
+* dense: `weight` in the compute dtype (int8 / fp8 weights are dequantised).
+
+Layers are converted one at a time: each weight is moved to the work device (the GPU when there is one, so
+the arithmetic is fast), converted, moved to its storage device, and the original is dropped before the
+next layer starts; peak memory is the model plus one layer, never two copies of the model. The bias and
+every tensor outside the block linears are left alone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import MutableMapping
+
+import torch
+from torch import nn
+
+from ..turbo_kernels.fp8_linear import quantize_rows_e4m3
+from ..turbo_kernels.w8a8_reference import dequantize_tiles, quantize_tiles
+from .linear_layers import QUANTISED_LINEARS, Fp8Linear, Int8Linear
+
+LINEAR_QUANT_MODES = ("auto", "none", "int8", "fp8")
+STORAGE_KINDS = ("dense", "int8", "fp8")
+# Key suffixes each storage kind uses for a linear's weight (the bias keeps its own key in every kind).
+WEIGHT_KEYS = {
+    "dense": ("weight",),
+    "int8": ("int8_weight", "scale"),
+    "fp8": ("weight", "weight_scale"),
+}
+
+
+def target_storage(linear_quant: str, stored: str) -> str:
+    """The storage kind a `linear_quant` option asks for, given what the file holds ("auto" = as stored)."""
+    if linear_quant not in LINEAR_QUANT_MODES:
+        raise ValueError(f"linear_quant must be one of {LINEAR_QUANT_MODES}, got {linear_quant!r}")
+    if linear_quant == "auto":
+        return stored
+    return "dense" if linear_quant == "none" else linear_quant
+
+
+def quantized_linear_names(model: nn.Module) -> list[str]:
+    """Qualified names of the int8 / fp8 linears of a model (e.g. `blocks.0.self_attn.q`)."""
+    return [name for name, module in model.named_modules() if isinstance(module, QUANTISED_LINEARS)]
+
+
+def convert_linear_weights_(
+    weights: MutableMapping[str, torch.Tensor],
+    names: list[str],
+    stored: str,
+    target: str,
+    work_device: torch.device,
+    device: torch.device,
+) -> None:
+    """Rewrite the weights of the linears `names` in a state dict from `stored` to `target` storage, in place
+    and one layer at a time; results land on `device`, the arithmetic runs on `work_device`."""
+    for kind in (stored, target):
+        if kind not in STORAGE_KINDS:
+            raise ValueError(f"storage must be one of {STORAGE_KINDS}, got {kind!r}")
+    for name in names:
+        stored_tensors = [weights.pop(f"{name}.{key}").to(work_device) for key in WEIGHT_KEYS[stored]]
+        dense = _dense_weight(stored, *stored_tensors)
+        del stored_tensors
+        converted = _store(target, dense)
+        del dense
+        for key, tensor in zip(WEIGHT_KEYS[target], converted):
+            weights[f"{name}.{key}"] = tensor.to(device)
+
+
+def quantize_model_linears_(model: nn.Module, target: str, work_device: torch.device | None = None) -> None:
+    """Replace every `nn.Linear` inside `model.blocks` (except SLA's `proj_l`) by an int8 or fp8 layer, one at
+    a time, on the device each layer lives on (arithmetic on `work_device` when given)."""
+    layer_classes = {"int8": Int8Linear, "fp8": Fp8Linear}
+    if target not in layer_classes:
+        raise ValueError(f"target must be 'int8' or 'fp8', got {target!r}")
+    names = [
+        name
+        for name, module in model.named_modules()
+        if name.startswith("blocks.") and isinstance(module, nn.Linear) and "proj_l" not in name
+    ]
+    for name in names:
+        dense = model.get_submodule(name)
+        device = dense.weight.device
+        layer = layer_classes[target](
+            dense.in_features,
+            dense.out_features,
+            bias=dense.bias is not None,
+            device="meta",
+            bias_dtype=dense.weight.dtype,
+        )
+        state = {key: value for key, value in dense.state_dict().items() if key != "weight"}
+        state.update(
+            zip(WEIGHT_KEYS[target], _store(target, dense.weight.detach().to(work_device or device)))
+        )
+        layer.load_state_dict({key: value.to(device) for key, value in state.items()}, assign=True)
+        model.set_submodule(name, layer)
+
+
+def _dense_weight(stored: str, *tensors: torch.Tensor) -> torch.Tensor:
+    if stored == "int8":
+        codes, scale = tensors
+        return dequantize_tiles(codes, scale, torch.float32)
+    if stored == "fp8":
+        codes, scale = tensors
+        return codes.float() * scale[:, None]
+    return tensors[0]
+
+
+def _store(target: str, dense: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    if target == "int8":
+        return quantize_tiles(dense)
+    if target == "fp8":
+        return quantize_rows_e4m3(dense)
+    return (dense,)
