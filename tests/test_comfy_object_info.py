@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import pytest
+import requests
+from comfy_server import comfy_host as host_tools
+from comfy_workflows import WORKFLOW_NAMES, load_ui_workflow
 
 pytestmark = pytest.mark.comfy
+PACK_FOLDER = host_tools.PACK_FOLDER_NAME
 
 PACK_NODES = {
     "TD_WanModelLoader": (("model_name", "attention", "sla_topk", "weight_dtype"), ("TD_WAN_MODEL",)),
@@ -126,8 +130,11 @@ def test_model_folders_are_listed(comfy_host):
 
 
 def test_workflow_templates_are_served(comfy_host):
+    """The canvas workflows show in the template browser, with their thumbnails (COMFYUI_HOST.md §4.5)."""
     templates = comfy_host.client.get("/workflow_templates")
-    assert sorted(templates.get("ComfyUI-TurboDiffusion", [])) == [
-        "turbodiffusion_wan2.1_t2v_1.3b",
-        "turbodiffusion_wan2.2_i2v_a14b",
-    ]
+    assert sorted(templates.get(PACK_FOLDER, [])) == list(WORKFLOW_NAMES)
+    for name in WORKFLOW_NAMES:
+        served = f"{comfy_host.client.url}/api/workflow_templates/{PACK_FOLDER}/{name}"
+        assert requests.get(f"{served}.json", timeout=30).json() == load_ui_workflow(name)
+        thumbnail = requests.get(f"{served}.jpg", timeout=30)
+        assert thumbnail.status_code == 200 and thumbnail.content[:2] == b"\xff\xd8"
