@@ -16,6 +16,7 @@ import torch
 from comfy import model_management as mm
 
 from .. import wan_models
+from ..wan_models.quantize import LINEAR_QUANT_MODES
 from .model_files import model_choices, resolve_model_path
 from .model_patchers import wrap_module
 
@@ -85,19 +86,36 @@ class TD_WanModelLoader:
                         "(as TurboDiffusion does) and fp32 on the CPU.",
                     },
                 ),
-            }
+            },
+            "optional": {
+                "linear_quant": (
+                    list(LINEAR_QUANT_MODES),
+                    {
+                        "default": "auto",
+                        "tooltip": "How the block linears are stored: auto as in the file (int8 for -quant "
+                        "files), none dense, int8 TurboDiffusion's -quant format (half the memory of bf16), "
+                        "fp8 e4m3 per-channel. Converted layer by layer while loading.",
+                    },
+                ),
+            },
         }
 
     @classmethod
     def VALIDATE_INPUTS(cls, model_name):
         return True
 
-    def load(self, model_name, attention, sla_topk, weight_dtype):
+    def load(self, model_name, attention, sla_topk, weight_dtype, linear_quant="auto"):
         path = resolve_model_path("diffusion_models", model_name, "TD_WanModelLoader")
         load_device, offload_device = mm.get_torch_device(), mm.unet_offload_device()
         dtype = WEIGHT_DTYPES[weight_dtype] or mm.unet_dtype(load_device, supported_dtypes=DIT_DTYPES)
         model = wan_models.load_dit(
-            path, device=offload_device, dtype=dtype, attention=attention, sla_topk=sla_topk
+            path,
+            device=offload_device,
+            dtype=dtype,
+            attention=attention,
+            sla_topk=sla_topk,
+            linear_quant=linear_quant,
+            quantize_device=load_device,
         )
         return (wrap_module(model, load_device, offload_device, os.path.basename(path), "dit"),)
 
