@@ -160,10 +160,11 @@ class AttentionBlock(nn.Module):
 
     def _attend(self, frames: torch.Tensor) -> torch.Tensor:
         n, c, h, w = frames.shape
-        qkv = self.to_qkv(self.norm(frames)).reshape(n, 3, 1, c, h * w).transpose(-1, -2)
-        q, k, v = qkv.unbind(1)
-        out = F.scaled_dot_product_attention(q, k, v)
-        return self.proj(out.squeeze(1).transpose(1, 2).reshape(n, c, h, w))
+        # Tokens with contiguous channels (a view of channels-last frames): SDPA can then use its
+        # memory-efficient kernel instead of materialising the (h*w)^2 scores.
+        tokens = self.to_qkv(self.norm(frames)).permute(0, 2, 3, 1).reshape(n, 1, h * w, 3 * c)
+        out = F.scaled_dot_product_attention(*tokens.chunk(3, dim=-1))
+        return self.proj(out.reshape(n, h, w, c).permute(0, 3, 1, 2))
 
 
 class Downsample(nn.Module):
@@ -370,7 +371,7 @@ class WanVAE(nn.Module):
     def decode_plan(
         self,
         latent_shape: torch.Size | tuple[int, ...],
-        tile_size: int | None = None,
+        tile_size: int | tuple[int, int] | None = None,
         tile_overlap: int | None = None,
         *,
         vram_budget_gib: float | None = None,
@@ -393,7 +394,8 @@ class WanVAE(nn.Module):
         output = torch.device(output_device) if output_device is not None else self.device
         return plan_for_budget(
             latent_shape,
-            int(vram_budget_gib * GIB) - weights,
+            int(vram_budget_gib * GIB),
+            weights,
             self.base_dim,
             torch.finfo(self.dtype).bits // 8,
             output_on_device=output.type == self.device.type,
@@ -404,7 +406,7 @@ class WanVAE(nn.Module):
     def decode(
         self,
         latent: torch.Tensor,
-        tile_size: int | None = None,
+        tile_size: int | tuple[int, int] | None = None,
         tile_overlap: int | None = None,
         callback: ProgressCallback | None = None,
         output_device: torch.device | str | None = None,
@@ -417,10 +419,11 @@ class WanVAE(nn.Module):
 
         The result of the causal frame-by-frame decoding (`decode_reference`), computed faster (`vae_fast`):
         `frames_per_chunk` latent frames per pass (after the first), the full-frame-rate layers
-        `frames_per_pass` video frames at a time (all when None). With `tile_size` (latent pixels) the frame
-        is split into overlapping tiles, each decoded with its own caches and blended linearly across the
-        seams: less memory, but not identical to untiled decoding (tiles do not see each other, e.g. in the
-        mid-block attention; tests/test_vae_tiling.py states the deviation measured with random weights).
+        `frames_per_pass` video frames at a time (all when None). With `tile_size` (latent pixels; one side
+        or (height, width)) the frame is split into overlapping tiles, each decoded with its own caches and
+        blended linearly across the seams: less memory, but not identical to untiled decoding (tiles do not
+        see each other, e.g. in the mid-block attention; tests/test_vae_tiling.py states the deviation
+        measured with random weights).
         `vram_budget_gib` instead chooses the plan: the fastest whose modelled peak memory on the VAE's
         device, the VAE's weights included, fits the budget; untiled if possible (`decode_plan` tells which,
         and it is logged). `callback(done, total)` is called after every pass with the latent frames decoded

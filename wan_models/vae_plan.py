@@ -105,15 +105,16 @@ class DecodePlan:
 
 def plan_decode(
     latent_shape: torch.Size | tuple[int, ...],
-    tile_size: int | None = None,
+    tile_size: int | tuple[int, int] | None = None,
     tile_overlap: int | None = None,
     frames_per_chunk: int = 1,
     frames_per_pass: int | None = None,
 ) -> DecodePlan:
     """The plan `decode` uses for a latent of this shape. `tile_size=None` (or >= the size): no tiling.
 
-    `tile_size` and `tile_overlap` are in latent pixels (x8 in the video); the overlap defaults to a quarter
-    of the tile. Tiles are spread evenly so that neighbours overlap by at least `tile_overlap`.
+    `tile_size` (one side, or (height, width)) and `tile_overlap` are in latent pixels (x8 in the video);
+    the overlap defaults to a quarter of the smaller tile side. Tiles are spread evenly so that neighbours
+    overlap by at least `tile_overlap`.
     """
     if frames_per_chunk < 1 or (frames_per_pass is not None and frames_per_pass < 1):
         raise ValueError(
@@ -123,16 +124,17 @@ def plan_decode(
     height, width = latent_shape[-2:]
     if tile_size is None:
         return DecodePlan(((0, height),), ((0, width),), None, 0, frames_per_chunk, frames_per_pass)
-    overlap = tile_size // 4 if tile_overlap is None else tile_overlap
-    if tile_size < 1 or not 0 <= overlap < tile_size:
+    tile_height, tile_width = (tile_size, tile_size) if isinstance(tile_size, int) else tile_size
+    overlap = min(tile_height, tile_width) // 4 if tile_overlap is None else tile_overlap
+    if min(tile_height, tile_width) < 1 or not 0 <= overlap < min(tile_height, tile_width):
         raise ValueError(
             f"tile_size {tile_size} / tile_overlap {overlap}: "
             "need tile_size >= 1 and 0 <= tile_overlap < tile_size (both in latent pixels)"
         )
     return DecodePlan(
-        _tile_ranges(height, tile_size, overlap),
-        _tile_ranges(width, tile_size, overlap),
-        tile_size,
+        _tile_ranges(height, tile_height, overlap),
+        _tile_ranges(width, tile_width, overlap),
+        max(tile_height, tile_width),
         overlap,
         frames_per_chunk,
         frames_per_pass,
@@ -146,15 +148,22 @@ def estimate_decode_bytes(
     element_size: int,
     output_on_device: bool,
 ) -> int:
-    """Modelled peak of what the decode allocates on its device (weights and input not included)."""
-    batch, _, frames = latent_shape[:3]
-    tile_pixels = max(b - a for a, b in plan.rows) * max(b - a for a, b in plan.cols)
-    frame_unit = batch * base_dim * tile_pixels * SPATIAL_FACTOR**2 * element_size
-    working = frame_unit * (CACHE_UNITS + _live_units(plan.frames_per_chunk, plan.frames_per_pass))
+    """Modelled peak of what the decode allocates on its device (weights and input not included): the
+    decoder's working memory with a margin, plus the float32 video when it is built on the device."""
+    working = decode_working_bytes(plan, latent_shape, base_dim, element_size)
+    batch, _, frames, height, width = latent_shape
     video_frames = 1 + TEMPORAL_FACTOR * (frames - 1)
-    video_pixels = latent_shape[-2] * latent_shape[-1] * SPATIAL_FACTOR**2
-    video = 4 * batch * 3 * video_frames * video_pixels if output_on_device else 0
-    return int(working * (1 + MARGIN_FRACTION)) + video + MARGIN_BYTES
+    video = 4 * batch * 3 * video_frames * height * width * SPATIAL_FACTOR**2 if output_on_device else 0
+    return int(working * (1 + MARGIN_FRACTION)) + MARGIN_BYTES + video
+
+
+def decode_working_bytes(
+    plan: DecodePlan, latent_shape: torch.Size | tuple[int, ...], base_dim: int, element_size: int
+) -> int:
+    """The decoder's causal caches plus its largest live activations, for the largest tile."""
+    tile_pixels = max(b - a for a, b in plan.rows) * max(b - a for a, b in plan.cols)
+    frame_unit = latent_shape[0] * base_dim * tile_pixels * SPATIAL_FACTOR**2 * element_size
+    return int(frame_unit * (CACHE_UNITS + _live_units(plan.frames_per_chunk, plan.frames_per_pass)))
 
 
 def _live_units(frames_per_chunk: int, frames_per_pass: int | None) -> float:
@@ -173,40 +182,37 @@ def _live_units(frames_per_chunk: int, frames_per_pass: int | None) -> float:
 def plan_for_budget(
     latent_shape: torch.Size | tuple[int, ...],
     budget_bytes: int,
+    resident_bytes: int,
     base_dim: int,
     element_size: int,
     output_on_device: bool,
     frames_per_chunk: int = 1,
 ) -> DecodePlan:
-    """The fastest plan whose `estimate_decode_bytes` fits `budget_bytes`: untiled (exact) if possible with
-    fewer frames per pass, else the tiling with the least decoded area (overlap `BUDGET_TILE_OVERLAP`)."""
+    """The fastest plan whose `estimate_decode_bytes` plus `resident_bytes` (the VAE's weights) fits
+    `budget_bytes`: untiled (exact) if possible with fewer frames per pass, else the tiling with the least
+    decoded area (overlap `BUDGET_TILE_OVERLAP`)."""
 
-    def fits(plan: DecodePlan) -> bool:
-        return (
-            estimate_decode_bytes(plan, latent_shape, base_dim, element_size, output_on_device)
-            <= budget_bytes
-        )
+    def need(plan: DecodePlan) -> int:
+        estimate = estimate_decode_bytes(plan, latent_shape, base_dim, element_size, output_on_device)
+        return resident_bytes + estimate
 
     height, width = latent_shape[-2:]
-    frame_steps = (None, 8, 4, 2, 1)
     for rows, cols in _tilings_by_area(height, width, BUDGET_TILE_OVERLAP):
-        for frames_per_pass in frame_steps:
+        tiled = len(rows) * len(cols) > 1
+        tile_size = max(b - a for a, b in (*rows, *cols)) if tiled else None
+        for frames_per_pass in (None, 8, 4, 2, 1):
             plan = DecodePlan(
-                rows,
-                cols,
-                max(b - a for a, b in (*rows, *cols)) if len(rows) * len(cols) > 1 else None,
-                BUDGET_TILE_OVERLAP if len(rows) * len(cols) > 1 else 0,
-                frames_per_chunk,
-                frames_per_pass,
+                rows, cols, tile_size, BUDGET_TILE_OVERLAP if tiled else 0, frames_per_chunk, frames_per_pass
             )
-            if fits(plan):
+            if need(plan) <= budget_bytes:
                 return plan
-    smallest = plan_decode(latent_shape, 1, 0, 1, 1)
-    need = estimate_decode_bytes(smallest, latent_shape, base_dim, element_size, output_on_device)
+    side = 2 * BUDGET_TILE_OVERLAP
+    smallest = need(plan_decode(latent_shape, side, BUDGET_TILE_OVERLAP, 1, 1))
     raise ValueError(
-        f"a decode working-memory budget of {budget_bytes / GIB:.2f} GiB cannot decode a latent of shape "
-        f"{tuple(latent_shape)} (even 1-pixel tiles need {need / GIB:.2f} GiB); raise the budget, decode to "
-        "the CPU (output_device='cpu'), or decode fewer frames"
+        f"a VRAM budget of {budget_bytes / GIB:.2f} GiB is too small to decode a latent of shape "
+        f"{tuple(latent_shape)}: even {side}x{side}-latent-pixel tiles need {smallest / GIB:.2f} GiB "
+        f"(the VAE's weights included); raise the budget"
+        + ("" if not output_on_device else ", or decode to the CPU (output_device='cpu')")
     )
 
 
