@@ -166,3 +166,32 @@ def test_core_vae_nodes_and_video_nodes_work_with_ours(comfy_host, tiny):
     (video,) = result.outputs["70"]["images"]
     info = probe_video(output / video["subfolder"] / video["filename"])
     assert (info["frames"], info["width"], info["height"]) == (9, 64, 48)
+
+
+def test_core_wan_image_to_video_conditioning_drives_our_sampler(comfy_host, tiny):
+    """Core WanImageToVideo (core VAE) and TD_ImageToVideo give the sampler the same start-image condition."""
+    pixels = np.random.default_rng(5).integers(0, 256, size=(48, 64, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(comfy_host.base / "input" / "start_64x48.png")
+    prompt = _save_latent_of_sampler(i2v_prompt(tiny, "start_64x48.png", seed=13))
+    for node in prompt.values():
+        if node["class_type"] == "TD_WanModelLoader":
+            node["inputs"]["attention"] = "sdpa"
+    sampler, ours = node_id_of(prompt, "TD_RCMSampler"), node_id_of(prompt, "TD_ImageToVideo")
+    text, image = prompt[ours]["inputs"]["positive"], prompt[ours]["inputs"]["start_image"]
+    size = {"width": 64, "height": 48, "length": SMALL_VIDEO["num_frames"], "batch_size": 1}
+    core_sampler = dict(prompt[sampler]["inputs"], positive=["91", 0], latent=["91", 2])
+    prompt.update(
+        {
+            "90": _node("VAELoader", vae_name=tiny.files["vae"]),
+            "91": _node(
+                "WanImageToVideo", positive=text, negative=text, vae=["90", 0], start_image=image, **size
+            ),
+            "92": _node("TD_RCMSampler", **core_sampler),
+            "93": _node("SaveLatent", samples=["92", 0], filename_prefix="latents/core"),
+        }
+    )
+    result = comfy_host.client.run(prompt)
+    assert_succeeded(result, comfy_host)
+    (core_saved,) = result.outputs["93"]["latents"]
+    core = load_file(str(comfy_host.base / "output" / core_saved["subfolder"] / core_saved["filename"]))
+    torch.testing.assert_close(core["latent_tensor"], _saved_latent(comfy_host, result), atol=1e-3, rtol=1e-3)
