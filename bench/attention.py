@@ -19,7 +19,6 @@ Effective TOPS = 4·B·H·L²·D / t; real TOPS = 4·D·BLKQ·BLKK·(selected bl
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import importlib.util
 import json
 import math
@@ -47,8 +46,10 @@ if (ROOT / ".ref").is_dir():
 import attention_formulas as F  # noqa: E402
 from attention_inputs import dit_like_qkv, random_projection, random_qkv  # noqa: E402
 from comfyui_turbodiffusion.turbo_kernels import sla_reference as R  # noqa: E402
-from comfyui_turbodiffusion.turbo_kernels.block_select import select_blocks  # noqa: E402
+from comfyui_turbodiffusion.turbo_kernels.block_select import block_scores, select_blocks, top_k_lut  # noqa: E402
 from comfyui_turbodiffusion.turbo_kernels.sage_prepass import (  # noqa: E402
+    finalize_stats,
+    partial_stats,
     pool_and_quantise,
     quantise_values_fp8,
     sage_prepass,
@@ -63,7 +64,6 @@ from comfyui_turbodiffusion.turbo_kernels.sparse_attention import (  # noqa: E40
     KernelConfig,
     _sparse_attention_kernel,
     bf16_sparse_attention,
-    default_config,
     quantised_attention,
 )
 
@@ -154,18 +154,6 @@ def correctness(
             qh, kh, vh = (R.heads_first(x) for x in (q, k, v))
             emulated = R.tokens_first(R.sage_sparse_attention(qh, kh, vh, lut, counts, recipe), 1)
             check(results, f"{kind}/{topk}/sagesla sparse rel-L2 vs emulation", F.rel_l2(out, emulated), 0.02)
-            if dev == "cuda":
-                fast = torch.full_like(q, float("nan"))
-                config = dataclasses.replace(default_config(q.device), exp_f16=True)
-                quantised_attention(
-                    prep, v, fast, recipe.blkq, recipe.blkk, lut=lut, counts=counts, config=config
-                )
-                check(
-                    results,
-                    f"{kind}/{topk}/sagesla sparse exp-f16 rel-L2 vs fp64",
-                    F.rel_l2(fast, ref),
-                    bound,
-                )
             emu_error = F.rel_l2(emulated, ref)
             check(
                 results,
@@ -312,12 +300,6 @@ def bench_dense(timer: Timer, q, k, v, recipe: R.SageRecipe) -> None:
             "sageattention 1.0.6 (dense int8/fp16)", lambda: sageattn(q, k, v, tensor_layout="NHD"), rep=rep
         )
     timer("ours sage dense (int8/fp8)", lambda: sage_dense_attention_triton(q, k, v, recipe), rep=rep)
-    fast = dataclasses.replace(default_config(q.device), exp_f16=True)
-    timer(
-        "ours sage dense exp-f16 (int8/fp8)",
-        lambda: sage_dense_attention_triton(q, k, v, recipe, config=fast),
-        rep=rep,
-    )
 
 
 def bench_sparse(timer: Timer, q, k, v, proj, topk: float, recipe: R.SageRecipe, configs: dict) -> None:
@@ -341,26 +323,21 @@ def bench_sparse(timer: Timer, q, k, v, proj, topk: float, recipe: R.SageRecipe,
         blocks=sage_blocks,
         topk=topk,
     )
-    fast = dataclasses.replace(default_config(q.device), exp_f16=True)
-    timer(
-        f"ours sagesla complete exp-f16 topk={topk}",
-        lambda: sagesla_attention_triton(q, k, v, proj, topk, recipe, config=fast),
-        blocks=sage_blocks,
-        topk=topk,
-    )
 
     out = torch.empty_like(q)
     prep = sage_prepass(q, k, v, recipe, proj_l=proj, linear_out=out)
     k_sel = R.selected_block_count(prep.pooled_k.shape[1], topk)
     lut, counts = select_blocks(prep.pooled_q, prep.pooled_k, k_sel)
     fp8 = recipe.pv_dtype == "fp8"
-    for tile, warps, waves in ((32, 8, 4), (64, 8, 2), (32, 4, 8)):
+    for tile, warps, waves in ((64, 8, 2), (32, 8, 4), (64, 8, 4)):
         timer(
-            f"part stats tile {tile} w{warps} x{waves} (k mean, v scale, KV') topk={topk}",
-            lambda t=tile, w=warps, x=waves: sequence_stats(
-                k, v, fp8_values=fp8, proj_l=proj, tile=t, num_warps=w, waves=x
+            f"part stats kernel tile {tile} w{warps} x{waves} topk={topk}",
+            lambda t=tile, w=warps, x=waves: partial_stats(
+                k, v, fp8_values=fp8, linear=True, tile=t, num_warps=w, waves=x
             ),
         )
+    partial = partial_stats(k, v, fp8_values=fp8, linear=True)
+    timer(f"part stats finalize (k mean, v scale, KV') topk={topk}", lambda: finalize_stats(partial, proj))
     timer(
         f"part pool + int8 q + linear branch topk={topk}",
         lambda: pool_and_quantise(
@@ -378,6 +355,10 @@ def bench_sparse(timer: Timer, q, k, v, proj, topk: float, recipe: R.SageRecipe,
         f"part block select (k_sel {k_sel}) topk={topk}",
         lambda: select_blocks(prep.pooled_q, prep.pooled_k, k_sel),
     )
+    timer(f"part block scores topk={topk}", lambda: block_scores(prep.pooled_q, prep.pooled_k))
+    scores = block_scores(prep.pooled_q, prep.pooled_k)
+    num_q = prep.pooled_q.shape[1]
+    timer(f"part top-k -> LUT topk={topk}", lambda: top_k_lut(scores, k_sel, num_q))
     for name, (config, use_desc) in configs.items():
         for accumulate in (True, False):
 
@@ -449,9 +430,7 @@ def main() -> None:
     base = KernelConfig(64, 4, 2) if hopper else KernelConfig(128, 8, 3)
     configs = {
         "default": (base, None),
-        "i2f": (dataclasses.replace(base, magic_cvt=False), None),
-        "exp f16": (dataclasses.replace(base, exp_f16=True), None),
-        "ptr s3": (dataclasses.replace(base, num_stages=3), False),
+        "ptr": (base, False),
     }
     results: dict = {}
     rows: list = []

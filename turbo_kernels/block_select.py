@@ -79,14 +79,15 @@ def _top_k_kernel(
     rows = rows.to(tl.int64)
     ids = tl.arange(0, PADDED_K)
     scores = tl.load(scores_ptr + rows[:, None] * PADDED_K + ids[None, :], mask=live[:, None], other=0.0)
-    # Order-preserving map of float32 onto [0, 2^32): positives above 2^31, negatives mirrored below.
-    bits = scores.to(tl.int32, bitcast=True).to(tl.int64)
-    key = tl.where(bits >= 0, bits + 2147483648, 2147483647 - (bits & 2147483647))
+    # Order-preserving map of float32 onto int32: negatives get their magnitude bits flipped.
+    bits = scores.to(tl.int32, bitcast=True)
+    key = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)
     # Radix select: the largest threshold t with count(key >= t) >= k_sel, decided one bit at a time from
-    # the top, is exactly the k-th largest key (32 counting passes instead of a sort).
-    kth = tl.zeros([ROWS], dtype=tl.int64)
-    for i in tl.static_range(32):
-        candidate = kth + (1 << (31 - i))
+    # the top (sign first), is exactly the k-th largest key (32 counting passes instead of a sort).
+    non_negative = tl.sum((key >= 0).to(tl.int32), axis=1)
+    kth = tl.where(non_negative >= k_sel, 0, -2147483648)
+    for i in tl.static_range(31):
+        candidate = kth + (1 << (30 - i))
         count = tl.sum((key >= candidate[:, None]).to(tl.int32), axis=1)
         kth = tl.where(count >= k_sel, candidate, kth)
     above = key > kth[:, None]
@@ -105,10 +106,17 @@ def select_blocks(pq: torch.Tensor, pk: torch.Tensor, k_sel: int) -> tuple[torch
     num_k = pk.shape[1]
     if not 0 <= k_sel <= num_k:
         raise ValueError(f"k_sel must be in [0, {num_k}] (the number of key blocks), got {k_sel}")
-    lut = torch.empty((n, num_q, k_sel), dtype=torch.int32, device=pq.device)
     if k_sel == 0:
-        return lut, torch.zeros((n, num_q), dtype=torch.int32, device=pq.device)
-    counts = torch.empty((n, num_q), dtype=torch.int32, device=pq.device)
+        empty = torch.empty((n, num_q, 0), dtype=torch.int32, device=pq.device)
+        return empty, torch.zeros((n, num_q), dtype=torch.int32, device=pq.device)
+    scores = block_scores(pq, pk)
+    return top_k_lut(scores, k_sel, num_q)
+
+
+def block_scores(pq: torch.Tensor, pk: torch.Tensor) -> torch.Tensor:
+    """pq·pkᵀ float32 (N, N_Q, N_K padded to a power of two >= 16, padding -inf)."""
+    n, num_q, d = pq.shape
+    num_k = pk.shape[1]
     padded = max(16, triton.next_power_of_2(num_k))
     scores = torch.empty((n, num_q, padded), dtype=torch.float32, device=pq.device)
     grid = (triton.cdiv(num_q, _SCORE_TILE), triton.cdiv(padded, _SCORE_TILE), n)
@@ -125,6 +133,14 @@ def select_blocks(pq: torch.Tensor, pk: torch.Tensor, k_sel: int) -> tuple[torch
         TILE=_SCORE_TILE,
         PRECISION=precision,
     )
+    return scores
+
+
+def top_k_lut(scores: torch.Tensor, k_sel: int, num_q: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """LUT + count from padded scores (N, N_Q, P), see `select_blocks`; needs 1 <= k_sel <= N_K."""
+    n, _, padded = scores.shape
+    lut = torch.empty((n, num_q, k_sel), dtype=torch.int32, device=scores.device)
+    counts = torch.empty((n, num_q), dtype=torch.int32, device=scores.device)
     rows = max(1, min(8, 8192 // padded))
     _top_k_kernel[(triton.cdiv(n * num_q, rows),)](
         scores, lut, counts, n * num_q, k_sel, ROWS=rows, PADDED_K=padded, num_warps=8

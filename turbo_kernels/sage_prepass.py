@@ -3,10 +3,11 @@
 
 Everything the block-sparse attention kernel consumes, produced per call from bf16 q, k, v in (B, L, H, D):
 
-1. `sequence_stats`: one read of k and v (programs over token spans, deterministic partial sums, 2-D register
-   accumulators reduced once at the end) gives column sums of k, per-channel amax of v and, for the SLA linear
-   branch, φ(K)ᵀV (a tensor-core dot per tile) and Σφ(K), φ = softmax over D; a one-program-per-head finalize
-   kernel turns them into k̄, the FP8 scale amax/2.25 and KV' = (φ(K)ᵀV)·Wᵀ (proj_l folded in, bf16).
+1. `sequence_stats` = `partial_stats` + `finalize_stats`: one read of k and v (programs over token spans,
+   deterministic partial sums, 2-D register accumulators reduced once at the end) gives column sums of k,
+   per-channel amax of v and, for the SLA linear branch, φ(K)ᵀV (a tensor-core dot per tile) and Σφ(K),
+   φ = softmax over D; the finalize kernel (one program per head and 16 rows of KV) turns them into k̄, the
+   FP8 scale amax/2.25 and KV' = (φ(K)ᵀV)·Wᵀ (proj_l folded in, bf16).
 2. `pool_and_quantise` (one program per block of q or k): the pooled mean of the block for the block map
    (over valid tokens only), optionally minus k̄ first (smooth-K), and optionally INT8 per block:
    scale = amax/127 + 1e-7, x̂ = round_half_away(x/scale), stored int8 (N, L, D); the stored scale is
@@ -153,32 +154,39 @@ def _finalize_stats_kernel(
     num_splits,
     v_max_target,
     D: tl.constexpr,
+    ROWS: tl.constexpr,
     NEED_VMAX: tl.constexpr,
     LINEAR: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
+    # Program (n, r): the per-head vectors (r == 0) and rows [r·ROWS, (r+1)·ROWS) of KV' = KV·Wᵀ.
     n = tl.program_id(0).to(tl.int64)
+    r = tl.program_id(1)
     dims = tl.arange(0, D)
-    k_sum = tl.zeros([D], dtype=tl.float32)
-    v_max = tl.zeros([D], dtype=tl.float32)
-    z = tl.zeros([D], dtype=tl.float32)
-    kv = tl.zeros([D, D], dtype=tl.float32)
-    for s in range(num_splits):
-        part = (n * num_splits + s) * D
-        k_sum += tl.load(ksum_ptr + part + dims)
+    if r == 0:
+        k_sum = tl.zeros([D], dtype=tl.float32)
+        v_max = tl.zeros([D], dtype=tl.float32)
+        z = tl.zeros([D], dtype=tl.float32)
+        for s in range(num_splits):
+            part = (n * num_splits + s) * D
+            k_sum += tl.load(ksum_ptr + part + dims)
+            if NEED_VMAX:
+                v_max = tl.maximum(v_max, tl.load(vmax_ptr + part + dims))
+            if LINEAR:
+                z += tl.load(z_ptr + part + dims)
+        tl.store(k_mean_ptr + n * D + dims, k_sum / L)
         if NEED_VMAX:
-            v_max = tl.maximum(v_max, tl.load(vmax_ptr + part + dims))
+            tl.store(v_scale_ptr + n * D + dims, tl.where(v_max > 0, v_max / v_max_target, 1.0))
         if LINEAR:
-            z += tl.load(z_ptr + part + dims)
-            kv += tl.load(kv_ptr + part * D + dims[:, None] * D + dims[None, :])
-    tl.store(k_mean_ptr + n * D + dims, k_sum / L)
-    if NEED_VMAX:
-        tl.store(v_scale_ptr + n * D + dims, tl.where(v_max > 0, v_max / v_max_target, 1.0))
+            tl.store(z_out_ptr + n * D + dims, z)
     if LINEAR:
-        tl.store(z_out_ptr + n * D + dims, z)
-        # KV' = KV · Wᵀ: proj_l folded into the state, W is (out, in) row-major.
-        w_t = tl.load(w_ptr + dims[None, :] * D + dims[:, None])
-        kv_proj = tl.dot(kv, w_t, input_precision="ieee")
-        tl.store(kv_out_ptr + n * D * D + dims[:, None] * D + dims[None, :], kv_proj.to(tl.bfloat16))
+        rows = r * ROWS + tl.arange(0, ROWS)
+        kv = tl.zeros([ROWS, D], dtype=tl.float32)
+        for s in range(num_splits):
+            kv += tl.load(kv_ptr + ((n * num_splits + s) * D + rows[:, None]) * D + dims[None, :])
+        w_t = tl.load(w_ptr + dims[None, :] * D + dims[:, None])  # Wᵀ; W is (out, in) row-major
+        kv_proj = tl.dot(kv, w_t, input_precision=PRECISION)
+        tl.store(kv_out_ptr + (n * D + rows[:, None]) * D + dims[None, :], kv_proj.to(tl.bfloat16))
 
 
 @triton.jit
@@ -204,46 +212,51 @@ def _pool_quantise_kernel(
     scale_mul,
     D: tl.constexpr,
     BLK: tl.constexpr,
+    BLOCKS: tl.constexpr,
     SUBTRACT_MEAN: tl.constexpr,
     QUANT: tl.constexpr,
     LINEAR: tl.constexpr,
     INTERPRET: tl.constexpr,
 ):
-    blk = tl.program_id(0)
     n = tl.program_id(1)
     n64 = n.to(tl.int64)
     b = (n // H).to(tl.int64)
     h = (n % H).to(tl.int64)
     dims = tl.arange(0, D)
-    rows = blk * BLK + tl.arange(0, BLK)
-    valid = rows[:, None] < L
-    offsets = rows[:, None].to(tl.int64)
-    x = tl.load(x_ptr + b * s_b + h * s_h + offsets * s_l + dims[None, :], mask=valid, other=0.0).to(
-        tl.float32
-    )
-    if LINEAR:
-        phi = _softmax_rows(x)
+    if LINEAR:  # loaded once for BLOCKS blocks
         kv = tl.load(kv_ptr + n64 * D * D + dims[:, None] * D + dims[None, :])
-        if INTERPRET:
-            numerator = tl.dot(phi, kv.to(tl.float32))
-        else:
-            numerator = tl.dot(phi.to(kv.dtype), kv)
         z = tl.load(z_ptr + n64 * D + dims)
-        denominator = tl.sum(phi * z[None, :], axis=1) + 1e-5  # sla_reference.LINEAR_EPS
-        linear = numerator / denominator[:, None] + tl.load(bias_ptr + dims)[None, :]
-        out_offsets = b * s_ob + h * s_oh + offsets * s_ol + dims[None, :]
-        tl.store(out_ptr + out_offsets, linear.to(out_ptr.dtype.element_ty), mask=valid)
+        bias = tl.load(bias_ptr + dims)
     if SUBTRACT_MEAN:
-        x = tl.where(valid, x - tl.load(mean_ptr + n64 * D + dims)[None, :], 0.0)
-    count = tl.minimum(BLK, L - blk * BLK)
-    block = n64 * num_blocks + blk
-    tl.store(pooled_ptr + block * D + dims, tl.sum(x, axis=0) / count)
-    if QUANT:
-        scale = tl.max(tl.max(tl.abs(x), axis=1), axis=0) / 127.0 + 1e-7  # sla_reference.INT8_SCALE_EPS
-        y = x / scale
-        rounded = tl.where(y >= 0, tl.floor(y + 0.5), tl.ceil(y - 0.5))
-        tl.store(x8_ptr + (n64 * L + offsets) * D + dims[None, :], rounded.to(tl.int8), mask=valid)
-        tl.store(scale_ptr + block, scale * scale_mul)
+        mean = tl.load(mean_ptr + n64 * D + dims)
+    for j in tl.static_range(BLOCKS):
+        blk = tl.program_id(0) * BLOCKS + j
+        rows = blk * BLK + tl.arange(0, BLK)
+        valid = rows[:, None] < L
+        offsets = rows[:, None].to(tl.int64)
+        x = tl.load(x_ptr + b * s_b + h * s_h + offsets * s_l + dims[None, :], mask=valid, other=0.0)
+        x = x.to(tl.float32)
+        if LINEAR:
+            phi = _softmax_rows(x)
+            if INTERPRET:
+                numerator = tl.dot(phi, kv.to(tl.float32))
+            else:
+                numerator = tl.dot(phi.to(kv.dtype), kv)
+            denominator = tl.sum(phi * z[None, :], axis=1) + 1e-5  # sla_reference.LINEAR_EPS
+            linear = numerator / denominator[:, None] + bias[None, :]
+            out_offsets = b * s_ob + h * s_oh + offsets * s_ol + dims[None, :]
+            tl.store(out_ptr + out_offsets, linear.to(out_ptr.dtype.element_ty), mask=valid)
+        if SUBTRACT_MEAN:
+            x = tl.where(valid, x - mean[None, :], 0.0)
+        if blk < num_blocks:
+            block = n64 * num_blocks + blk
+            tl.store(pooled_ptr + block * D + dims, tl.sum(x, axis=0) / tl.minimum(BLK, L - blk * BLK))
+            if QUANT:
+                scale = tl.max(tl.max(tl.abs(x), axis=1), axis=0) / 127.0 + 1e-7  # INT8_SCALE_EPS
+                y = x / scale
+                rounded = tl.where(y >= 0, tl.floor(y + 0.5), tl.ceil(y - 0.5))
+                tl.store(x8_ptr + (n64 * L + offsets) * D + dims[None, :], rounded.to(tl.int8), mask=valid)
+                tl.store(scale_ptr + block, scale * scale_mul)
 
 
 @triton.jit
@@ -296,20 +309,28 @@ class SequenceStats:
     linear: LinearState | None
 
 
-def sequence_stats(
+@dataclass
+class PartialStats:
+    """Per-(head, token span) partial reductions written by the stats kernel (float32)."""
+
+    length: int
+    k_sum: torch.Tensor  # (N, S, D)
+    v_max: torch.Tensor | None  # (N, S, D)
+    kv: torch.Tensor | None  # (N, S, D, D)
+    z: torch.Tensor | None  # (N, S, D)
+
+
+def partial_stats(
     k: torch.Tensor,
     v: torch.Tensor,
     *,
     fp8_values: bool,
-    proj_l: torch.nn.Module | None,
-    tile: int = 32,
+    linear: bool,
+    tile: int = 64,
     num_warps: int = 8,
-    waves: int = 4,
-) -> SequenceStats:
-    """k̄, the FP8 V scale (amax/2.25, when `fp8_values`) and the folded linear state (when proj_l is given).
-
-    tile / num_warps / waves (programs per multiprocessor) are tuning knobs of the partial-sum kernel.
-    """
+    waves: int = 2,
+) -> PartialStats:
+    """One read of k and v; tile / num_warps / waves (programs per multiprocessor) are tuning knobs."""
     batch, length, heads, d = k.shape
     n = batch * heads
     num_tiles = triton.cdiv(length, tile)
@@ -317,19 +338,18 @@ def sequence_stats(
     num_splits = max(1, min(num_tiles, triton.cdiv(waves * sms, n)))
     tiles_per_split = triton.cdiv(num_tiles, num_splits)
     num_splits = triton.cdiv(num_tiles, tiles_per_split)
-    linear = proj_l is not None
     f32 = {"dtype": torch.float32, "device": k.device}
     k_sum = torch.empty((n, num_splits, d), **f32)
-    v_max = torch.empty((n, num_splits, d), **f32) if fp8_values else k_sum
-    kv = torch.empty((n, num_splits, d, d), **f32) if linear else k_sum
-    z = torch.empty((n, num_splits, d), **f32) if linear else k_sum
+    v_max = torch.empty((n, num_splits, d), **f32) if fp8_values else None
+    kv = torch.empty((n, num_splits, d, d), **f32) if linear else None
+    z = torch.empty((n, num_splits, d), **f32) if linear else None
     _stats_kernel[(num_splits, n)](
         k,
         v,
         k_sum,
-        v_max,
-        kv,
-        z,
+        k_sum if v_max is None else v_max,
+        k_sum if kv is None else kv,
+        k_sum if z is None else z,
         heads,
         length,
         tiles_per_split,
@@ -343,35 +363,57 @@ def sequence_stats(
         INTERPRET=interpreting(),
         num_warps=num_warps,
     )
+    return PartialStats(length, k_sum, v_max, kv, z)
+
+
+def finalize_stats(partial: PartialStats, proj_l: torch.nn.Module | None) -> SequenceStats:
+    """k̄, the FP8 V scale and KV' = (φ(K)ᵀV)·Wᵀ from the partial sums (N x D/16 programs)."""
+    n, num_splits, d = partial.k_sum.shape
+    device = partial.k_sum.device
+    f32 = {"dtype": torch.float32, "device": device}
+    linear = partial.kv is not None
+    if linear and proj_l is None:
+        raise ValueError("finalize_stats: partial sums of the linear branch need the layer's proj_l")
     k_mean = torch.empty((n, d), **f32)
-    v_scale = torch.empty((n, d), **f32) if fp8_values else None
+    v_scale = torch.empty((n, d), **f32) if partial.v_max is not None else None
     state = None
-    weight = k_sum
+    weight = k_mean
     if linear:
-        weight = proj_l.weight.detach().to(device=k.device, dtype=torch.float32).contiguous()
+        weight = proj_l.weight.detach().to(**f32).contiguous()
         bias = proj_l.bias
         bias = torch.zeros(d, **f32) if bias is None else bias.detach().to(**f32).contiguous()
-        kv_proj = torch.empty((n, d, d), dtype=torch.bfloat16, device=k.device)
+        kv_proj = torch.empty((n, d, d), dtype=torch.bfloat16, device=device)
         state = LinearState(kv_proj, torch.empty((n, d), **f32), bias)
-    _finalize_stats_kernel[(n,)](
-        k_sum,
-        v_max,
-        kv,
-        z,
+    rows = 16
+    _finalize_stats_kernel[(n, d // rows if linear else 1)](
+        partial.k_sum,
+        k_mean if partial.v_max is None else partial.v_max,
+        k_mean if partial.kv is None else partial.kv,
+        k_mean if partial.z is None else partial.z,
         weight,
         k_mean,
         k_mean if v_scale is None else v_scale,
         k_mean if state is None else state.kv,
         k_mean if state is None else state.z,
-        length,
+        partial.length,
         num_splits,
         V_FP8_MAX,
         D=d,
-        NEED_VMAX=fp8_values,
+        ROWS=rows,
+        NEED_VMAX=v_scale is not None,
         LINEAR=linear,
-        num_warps=8,
+        PRECISION="ieee" if interpreting() else "tf32",  # KV' is rounded to bf16 afterwards
+        num_warps=4,
     )
     return SequenceStats(k_mean, v_scale, state)
+
+
+def sequence_stats(
+    k: torch.Tensor, v: torch.Tensor, *, fp8_values: bool, proj_l: torch.nn.Module | None
+) -> SequenceStats:
+    """k̄, the FP8 V scale (amax/2.25, when `fp8_values`) and the folded linear state (with proj_l)."""
+    partial = partial_stats(k, v, fp8_values=fp8_values, linear=proj_l is not None)
+    return finalize_stats(partial, proj_l)
 
 
 def pool_and_quantise(
@@ -400,7 +442,9 @@ def pool_and_quantise(
             "pool_and_quantise: `linear` needs `linear_out`, the tensor to write the branch into"
         )
     out = x if linear_out is None else linear_out
-    _pool_quantise_kernel[(num_blocks, n)](
+    # With the linear branch each program reuses KV' (32 KB) for several blocks.
+    blocks = 4 if linear is not None else 1
+    _pool_quantise_kernel[(triton.cdiv(num_blocks, blocks), n)](
         x,
         pooled if mean is None else mean,
         pooled,
@@ -418,6 +462,7 @@ def pool_and_quantise(
         scale_mul,
         D=d,
         BLK=blk,
+        BLOCKS=blocks,
         SUBTRACT_MEAN=mean is not None,
         QUANT=quantise,
         LINEAR=linear is not None,

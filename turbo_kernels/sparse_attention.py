@@ -53,13 +53,6 @@ class KernelConfig:
     block_m: int
     num_warps: int
     num_stages: int
-    # INT32 logits -> fp32 by adding 1.5·2^23 to the integer and subtracting it as a float (exact for
-    # |x| < 2^22; |Q̂·K̂| <= 127²·128 < 2^21): plain ALU work instead of the conversion unit, which the
-    # exponentials already saturate.
-    magic_cvt: bool = True
-    # exp2 as packed ex2.approx.f16x2 (twice the exponential rate; P is rounded to E4M3/fp16 afterwards
-    # anyway). GPU only (inline PTX), quantised paths only.
-    exp_f16: bool = False
 
 
 # Hopper: one warpgroup on a 64-row tile, 2 stages (KERNELS.md §0, §2.4: 713 TOPS dense on H100).
@@ -107,8 +100,6 @@ def _sparse_attention_kernel(
     DENSE: tl.constexpr,
     ACCUMULATE: tl.constexpr,
     USE_DESC: tl.constexpr,
-    MAGIC_CVT: tl.constexpr,
-    EXP_F16: tl.constexpr,
     INTERPRET: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -141,6 +132,9 @@ def _sparse_attention_kernel(
     else:
         offset = 0.0
 
+    out_ptrs = out_ptr + b * s_ob + h * s_oh + rows[:, None].to(tl.int64) * s_ol + dims[None, :]
+    if ACCUMULATE:  # issued before the key loop so that its latency is hidden
+        previous = tl.load(out_ptrs, mask=rows[:, None] < L, other=0.0)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, D], dtype=tl.float32)
@@ -165,10 +159,9 @@ def _sparse_attention_kernel(
                 other=0.0,
             )
         if QUANT:
-            s_int = tl.dot(q, tl.trans(k))
-            if MAGIC_CVT:
-                s_int = (s_int + 0x4B400000).to(tl.float32, bitcast=True) - 12582912.0
-            s = s_int.to(tl.float32) * (q_scale * tl.load(k_scale_ptr + n64 * num_k_blocks + kb))
+            s = tl.dot(q, tl.trans(k)).to(tl.float32) * (
+                q_scale * tl.load(k_scale_ptr + n64 * num_k_blocks + kb)
+            )
         else:
             if INTERPRET:
                 k = k.to(tl.float32)
@@ -177,30 +170,15 @@ def _sparse_attention_kernel(
             s = tl.where(keys[None, :] < L, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         alpha = tl.math.exp2(m_i - m_new)
-        if EXP_F16:
-            p = tl.inline_asm_elementwise(
-                "ex2.approx.f16x2 $0, $1;",
-                "=r,r",
-                [(s - m_new[:, None] + offset).to(tl.float16)],
-                dtype=tl.float16,
-                is_pure=True,
-                pack=2,
-            )
-            l_i = l_i * alpha + tl.sum(p.to(tl.float32), axis=1)
-        else:
-            p = tl.math.exp2(s - m_new[:, None] + offset)
-            l_i = l_i * alpha + tl.sum(p, axis=1)
+        p = tl.math.exp2(s - m_new[:, None] + offset)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
         acc = acc * alpha[:, None]
         if PV == PV_FP8:
             if USE_DESC:
                 vt = v_src.load([n, 0, start]).reshape(D, BLOCK_N)
             else:
                 vt = tl.load(v_src + (n64 * D + dims[:, None]) * V_PAD + keys[None, :])
-            if EXP_F16:
-                p8 = p.to(tl.float8e4nv)
-            else:
-                p8 = to_e4m3(p, INTERPRET)
-            acc += tl.dot(p8, tl.trans(vt))
+            acc += tl.dot(to_e4m3(p, INTERPRET), tl.trans(vt))
         else:
             v = tl.load(
                 v_src + v_base + keys[:, None].to(tl.int64) * s_vl + dims[None, :],
@@ -218,9 +196,8 @@ def _sparse_attention_kernel(
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     if PV == PV_FP8:
         out = out * tl.load(v_scale_ptr + n64 * D + dims)[None, :]
-    out_ptrs = out_ptr + b * s_ob + h * s_oh + rows[:, None].to(tl.int64) * s_ol + dims[None, :]
     if ACCUMULATE:
-        out += tl.load(out_ptrs, mask=rows[:, None] < L, other=0.0).to(tl.float32)
+        out += previous.to(tl.float32)
     tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=rows[:, None] < L)
 
 
@@ -308,8 +285,6 @@ def _launch(
         DENSE=dense,
         ACCUMULATE=accumulate,
         USE_DESC=use_desc,
-        MAGIC_CVT=config.magic_cvt,
-        EXP_F16=config.exp_f16 and quant and not interpreting(),
         INTERPRET=interpreting(),
         num_warps=config.num_warps,
         num_stages=config.num_stages,
