@@ -16,6 +16,7 @@ import torch
 from comfy import model_management as mm
 
 from .. import wan_models
+from ..wan_models.block_swap import enable_block_swap
 from ..wan_models.quantize import LINEAR_QUANT_MODES
 from .model_files import model_choices, resolve_model_path
 from .model_patchers import wrap_module
@@ -26,6 +27,7 @@ WEIGHT_DTYPES = {"auto": None, "bf16": torch.bfloat16, "fp16": torch.float16, "f
 # Compute dtypes TurboDiffusion's models run in, in order of preference where the device supports them.
 DIT_DTYPES = [torch.bfloat16, torch.float16, torch.float32]
 VAE_DTYPES = [torch.bfloat16, torch.float32]
+MAX_SWAPPED_BLOCKS = 40  # the blocks of the 14B / A14B models
 
 
 def _text_encoder_dtype(load_device: torch.device) -> torch.dtype:
@@ -97,6 +99,17 @@ class TD_WanModelLoader:
                         "fp8 e4m3 per-channel. Converted layer by layer while loading.",
                     },
                 ),
+                "swap_blocks": (
+                    "INT",
+                    {
+                        "default": 0,
+                        "min": 0,
+                        "max": MAX_SWAPPED_BLOCKS,
+                        "tooltip": "For small GPUs: keep the last N transformer blocks in CPU memory and "
+                        "stream them in during each step (same output, slower). 0 keeps the whole model on "
+                        "the GPU.",
+                    },
+                ),
             },
         }
 
@@ -104,7 +117,7 @@ class TD_WanModelLoader:
     def VALIDATE_INPUTS(cls, model_name):
         return True
 
-    def load(self, model_name, attention, sla_topk, weight_dtype, linear_quant="auto"):
+    def load(self, model_name, attention, sla_topk, weight_dtype, linear_quant="auto", swap_blocks=0):
         path = resolve_model_path("diffusion_models", model_name, "TD_WanModelLoader")
         load_device, offload_device = mm.get_torch_device(), mm.unet_offload_device()
         dtype = WEIGHT_DTYPES[weight_dtype] or mm.unet_dtype(load_device, supported_dtypes=DIT_DTYPES)
@@ -117,6 +130,8 @@ class TD_WanModelLoader:
             linear_quant=linear_quant,
             quantize_device=load_device,
         )
+        if swap_blocks:
+            enable_block_swap(model, swap_blocks)
         return (wrap_module(model, load_device, offload_device, os.path.basename(path), "dit"),)
 
 

@@ -99,3 +99,18 @@ def test_progress_is_reported_per_step(pack, models):
     finally:
         comfy.utils.set_progress_bar_global_hook(previous)
     assert updates == [(1, 3), (2, 3), (3, 3)]
+
+
+def test_loader_block_swap_keeps_the_result(pack, tmp_path):
+    import folder_paths
+
+    write_tiny_dit(tmp_path, "t2v")
+    folder_paths.add_model_folder_path("diffusion_models", str(tmp_path))
+    loader = pack.nodes.NODE_CLASS_MAPPINGS["TD_WanModelLoader"]()
+    name = FILE_NAMES["t2v"]
+    (resident,) = loader.load(name, "sdpa", 0.1, "fp32")
+    (swapped,) = loader.load(name, "sdpa", 0.1, "fp32", swap_blocks=1)
+    positive = [[_prompt_context(), {}]]
+    assert torch.equal(
+        _sample(pack, resident, positive)["samples"], _sample(pack, swapped, positive)["samples"]
+    )
