@@ -49,10 +49,22 @@ class TD_VAEDecode:
                         "memory, slightly different pixels.",
                     },
                 ),
+                "vram_budget_gb": (
+                    "FLOAT",
+                    {
+                        "default": 0.0,
+                        "min": 0.0,
+                        "max": 1024.0,
+                        "step": 0.5,
+                        "tooltip": "Instead of tile_size: GPU memory the decode may use (GB, VAE weights "
+                        "included); the fastest plan that fits is chosen, untiled when possible. "
+                        "0: no limit.",
+                    },
+                ),
             },
         }
 
-    def decode(self, vae, samples, tile_size=0):
+    def decode(self, vae, samples, tile_size=0, vram_budget_gb=0.0):
         latent = from_comfy_latent(samples)
         load_to_device(vae)
         progress = comfy.utils.ProgressBar(latent.shape[2])
@@ -61,6 +73,7 @@ class TD_VAEDecode:
             tile_size=tile_size or None,
             callback=lambda done, total: progress.update_absolute(done, total),
             output_device=mm.intermediate_device(),
+            vram_budget_gib=vram_budget_gb or None,
         )
         frames = ((video.clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 4, 1)
         return (frames.reshape(-1, *frames.shape[2:]),)
