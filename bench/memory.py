@@ -1,0 +1,426 @@
+"""Memory and speed of the quantised and block-swapped Wan DiT (issue 6, item 4). One call, three tables:
+
+1. GEMM throughput at the Wan shapes (M = 32760 and 75600 tokens; K, N of the 1.3B and 14B block linears):
+   bf16 `torch.matmul` against the int8 W8A8 Triton path (with and without its activation quantiser) and the
+   fp8 path (per-token quantisation + `torch._scaled_mm`, and `_scaled_mm` alone), side by side, with each
+   path's rel-L2 error against the bf16 product as a sanity check; then a few int8 tile configs at
+   M = 75600, K = N = 5120.
+2. Load-time int8 quantisation of a 14B bf16 state dict held on the CPU, one layer at a time on the GPU:
+   peak GPU memory next to the size of the int8 model.
+3. One DiT step (one forward; rCM runs one per step) of random-weight models at full size: the A14B I2V expert
+   at 720p / 81 frames in bf16, int8, fp8, and int8 and bf16 with block swap under a 24 GB cap
+   (`torch.cuda.set_per_process_memory_fraction`), the 1.3B at 480p under an 8 GB cap. Peak = the caching
+   allocator's `max_memory_allocated` (weights + activations; the CUDA context is not included); the
+   activation estimate used by `plan_block_swap` is printed beside it.
+
+Usage, from the repository root:
+    python bench/memory.py                 # a CUDA GPU with >= 64 GB (H100 / H200), about 5-8 minutes
+    python bench/memory.py --dry-run       # tiny shapes on the CPU: checks that every path runs
+Options: --attention sagesla|sla|sdpa (default sagesla), --steps N timed forwards per scenario (2),
+--skip gemm,load,steps. Prints the tables and appends nothing anywhere: copy them into bench/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import importlib.util
+import math
+import platform
+import sys
+import time
+import traceback
+import types
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+if importlib.util.find_spec("comfyui_turbodiffusion") is None:  # not pip-installed: alias the checkout
+    package = types.ModuleType("comfyui_turbodiffusion")
+    package.__path__ = [str(ROOT)]
+    sys.modules["comfyui_turbodiffusion"] = package
+
+from comfyui_turbodiffusion.turbo_kernels import fp8_linear as fp8  # noqa: E402
+from comfyui_turbodiffusion.turbo_kernels import w8a8_reference as int8_reference  # noqa: E402
+from comfyui_turbodiffusion.wan_models.attention import make_self_attention, sdpa_attention  # noqa: E402
+from comfyui_turbodiffusion.wan_models.block_swap import (  # noqa: E402
+    GIB,
+    enable_block_swap,
+    estimate_activation_bytes,
+    plan_block_swap,
+    tensor_bytes,
+)
+from comfyui_turbodiffusion.wan_models.config import WanDiTConfig  # noqa: E402
+from comfyui_turbodiffusion.wan_models.dit import WanDiT  # noqa: E402
+from comfyui_turbodiffusion.wan_models.quantize import (  # noqa: E402
+    convert_linear_weights_,
+    quantize_model_linears_,
+    quantized_linear_names,
+)
+from comfyui_turbodiffusion.wan_models.resolution import latent_shape  # noqa: E402
+
+GEMM_TOKENS = (32760, 75600)
+# (label, K, N) of the block linears: q/k/v/o and cross-attention (dim -> dim), FFN up, FFN down.
+GEMM_LAYERS = (
+    ("1.3B qkvo", 1536, 1536),
+    ("1.3B ffn.0", 1536, 8960),
+    ("1.3B ffn.2", 8960, 1536),
+    ("14B qkvo", 5120, 5120),
+    ("14B ffn.0", 5120, 13824),
+    ("14B ffn.2", 13824, 5120),
+)
+INT8_SWEEP = ((128, 128, 8, 3), (128, 256, 8, 3), (256, 128, 8, 3), (128, 128, 4, 4), (64, 128, 4, 3))
+TARGET_SPEEDUP = 1.6
+
+
+@dataclass(frozen=True)
+class Scenario:
+    label: str
+    config: WanDiTConfig
+    size: tuple[int, int]  # width, height
+    frames: int
+    storage: str  # dense, int8, fp8
+    cap_gb: float | None = None  # per-process memory cap; the swap count is planned from it
+
+
+def say(text: str = "") -> None:
+    print(text, flush=True)
+
+
+def table(header: list[str], rows: list[list[str]]) -> None:
+    widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header))]
+    for row in [header, ["-" * w for w in widths], *rows]:
+        say("  ".join(str(cell).rjust(w) for cell, w in zip(row, widths)))
+    say()
+
+
+def relative_error(value: torch.Tensor, reference: torch.Tensor) -> float:
+    return ((value.float() - reference.float()).norm() / reference.float().norm()).item()
+
+
+class Clock:
+    """Median milliseconds of a callable: triton's do_bench on CUDA (L2 flushed), perf_counter elsewhere."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+
+    def __call__(self, fn: Callable[[], object]) -> float:
+        if self.device.type == "cuda":
+            from triton.testing import do_bench
+
+            return do_bench(fn, warmup=25, rep=100, return_mode="median")
+        fn()
+        times = []
+        for _ in range(3):
+            start = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - start) * 1e3)
+        return sorted(times)[1]
+
+
+def gemm_table(device: torch.device, tokens: tuple[int, ...], layers: tuple, clock: Clock) -> None:
+    say("GEMM throughput (TFLOPS = 2·M·N·K / time; speed-up against bf16 torch.matmul; err = rel-L2 vs bf16)")
+    cuda = device.type == "cuda"
+    int8_linear, int8_matmul, quantize_x = _int8_paths(cuda)
+    use_scaled_mm = cuda and torch.cuda.get_device_capability(device) >= fp8.SCALED_MM_MIN_CAPABILITY
+    rows = []
+    for m in tokens:
+        for label, k, n in layers:
+            generator = torch.Generator(device).manual_seed(m + k + n)
+            x = torch.randn(m, k, generator=generator, device=device).to(torch.bfloat16)
+            w = (torch.randn(n, k, generator=generator, device=device) / math.sqrt(k)).to(torch.bfloat16)
+            codes, scale = int8_reference.quantize_tiles(w)
+            x_codes, x_scale = quantize_x(x)
+            w8, ws8 = fp8.quantize_rows_e4m3(w)
+            x8, xs8 = fp8.quantize_rows_e4m3(x)
+            reference = torch.matmul(x, w.T)
+            paths = {
+                "bf16": lambda x=x, w=w: torch.matmul(x, w.T),
+                "int8": lambda x=x, c=codes, s=scale: int8_linear(x, c, s, None),
+                "int8 gemm": lambda a=x_codes, b=x_scale, c=codes, s=scale: int8_matmul(a, b, c, s),
+                "fp8": lambda x=x, c=w8, s=ws8: fp8.fp8_linear(x, c, s, None, use_scaled_mm),
+                "fp8 mm": lambda a=x8, b=xs8, c=w8, s=ws8: _fp8_matmul(a, b, c, s, use_scaled_mm),
+            }
+            flop = 2 * m * n * k
+            times = {name: clock(fn) for name, fn in paths.items()}
+            errors = {name: relative_error(fn(), reference) for name, fn in paths.items() if name != "bf16"}
+            row = [str(m), label]
+            for name, ms in times.items():
+                speedup = "" if name == "bf16" else f" x{times['bf16'] / ms:.2f}"
+                row.append(f"{ms:.3f} ms {flop / ms / 1e9:.1f}{speedup}")
+            row.append(" ".join(f"{errors[name]:.3f}" for name in ("int8", "fp8")))
+            rows.append(row)
+            del x, w, codes, scale, x_codes, x_scale, w8, ws8, x8, xs8, reference
+    table(["M", "layer", *paths, "err int8 fp8"], rows)
+    headline = [r for r in rows if r[0] == str(tokens[-1]) and r[1] == layers[3][0]] if cuda else []
+    if headline:
+        say(f"target: int8 and fp8 >= x{TARGET_SPEEDUP} bf16 at M={tokens[-1]}, K=N=5120: {headline[0][2:7]}")
+    if cuda:
+        int8_sweep(device, clock)
+
+
+def _int8_paths(cuda: bool):
+    if cuda:
+        from comfyui_turbodiffusion.turbo_kernels import int8_gemm
+
+        return (
+            int8_gemm.w8a8_linear_triton,
+            lambda a, b, c, s: int8_gemm.w8a8_matmul_triton(a, b, c, s, None, torch.bfloat16),
+            int8_gemm.quantize_tiles_triton,
+        )
+    return (
+        int8_reference.w8a8_linear,
+        lambda a, b, c, s: int8_reference.w8a8_matmul(a, b, c, s, torch.bfloat16),
+        int8_reference.quantize_tiles,
+    )
+
+
+def _fp8_matmul(a, b, c, s, use_scaled_mm: bool) -> torch.Tensor:
+    if use_scaled_mm:
+        return fp8.fp8_matmul_scaled_mm(a, b, c, s, torch.bfloat16)
+    return fp8.fp8_matmul_reference(a, b, c, s, torch.bfloat16)
+
+
+def int8_sweep(device: torch.device, clock: Clock) -> None:
+    from comfyui_turbodiffusion.turbo_kernels import int8_gemm
+
+    m, k, n = GEMM_TOKENS[-1], 5120, 5120
+    x = torch.randn(m, k, device=device).to(torch.bfloat16)
+    codes, scale = int8_reference.quantize_tiles(torch.randn(n, k, device=device) / math.sqrt(k))
+    x_codes, x_scale = int8_gemm.quantize_tiles_triton(x)
+    bf16 = clock(lambda: torch.matmul(x, x[:n].T))
+    rows = []
+    for block_m, block_n, warps, stages in INT8_SWEEP:
+        config = int8_gemm.GemmConfig(block_m=block_m, block_n=block_n, num_warps=warps, num_stages=stages)
+        try:
+            ms = clock(
+                lambda c=config: int8_gemm.w8a8_matmul_triton(
+                    x_codes, x_scale, codes, scale, None, torch.bfloat16, c
+                )
+            )
+            rows.append([f"{block_m}x{block_n} w{warps} s{stages}", f"{ms:.3f}", f"x{bf16 / ms:.2f}"])
+        except Exception as error:  # e.g. out of shared memory on smaller GPUs
+            rows.append(
+                [f"{block_m}x{block_n} w{warps} s{stages}", "failed", str(error).splitlines()[0][:60]]
+            )
+    say(f"int8 GEMM tile configs at M={m}, K=N={k} (bf16 torch.matmul {bf16:.3f} ms; default = first row)")
+    table(["config", "ms", "vs bf16"], rows)
+
+
+def random_model(config: WanDiTConfig, device: torch.device, seed: int) -> WanDiT:
+    """A bf16 WanDiT built directly on `device` with every weight random (no CPU copy, no float32 copy)."""
+    with torch.device("meta"):
+        model = WanDiT(config, self_attention=sdpa_attention, cross_attention=sdpa_attention)
+    model = model.to(torch.bfloat16).to_empty(device=device)
+    generator = torch.Generator(device).manual_seed(seed)
+    with torch.no_grad():
+        for name, tensor in model.named_parameters():
+            if tensor.dim() >= 2 and "modulation" not in name:
+                tensor.normal_(0, 1 / math.sqrt(tensor[0].numel()), generator=generator)
+            elif "norm" in name and name.endswith("weight"):
+                tensor.uniform_(0.8, 1.2, generator=generator)
+            else:
+                tensor.normal_(0, 0.1, generator=generator)
+    return model.requires_grad_(False).eval()
+
+
+def load_quantisation(config: WanDiTConfig, device: torch.device) -> None:
+    """Quantise-at-load as load_dit does it: a bf16 state dict on the CPU, converted layer by layer on the
+    GPU."""
+    model = random_model(config, device, seed=1)
+    weights = {key: value.cpu() for key, value in model.state_dict().items()}
+    with torch.device("meta"):
+        quantized = WanDiT(config, self_attention=sdpa_attention, cross_attention=sdpa_attention)
+    quantize_model_linears_(quantized, "int8")
+    names = quantized_linear_names(quantized)
+    dense_bytes = tensor_bytes(model)
+    del model
+    _reset_memory(device)
+    start = time.perf_counter()
+    convert_linear_weights_(weights, names, "dense", "int8", device, device)
+    for key, value in weights.items():
+        weights[key] = value.to(device)
+    _synchronize(device)
+    seconds = time.perf_counter() - start
+    int8_bytes = sum(t.numel() * t.element_size() for t in weights.values())
+    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else float("nan")
+    say(
+        f"Load-time int8 quantisation ({config.num_layers} blocks, dim {config.dim}): bf16 model "
+        f"{dense_bytes / GIB:.3f} GB on the CPU -> int8 model {int8_bytes / GIB:.3f} GB on {device}; "
+        f"peak {peak / GIB:.2f} GB on the GPU; {seconds:.1f} s"
+    )
+    say()
+    del weights
+    _reset_memory(device)
+
+
+def run_step(scenario: Scenario, device: torch.device, attention: str, steps: int) -> list[str]:
+    config = scenario.config
+    width, height = scenario.size
+    shape = latent_shape(width, height, scenario.frames)
+    tokens = shape[2] * (shape[3] // 2) * (shape[4] // 2)
+    cap = "" if scenario.cap_gb is None else f"{scenario.cap_gb:.3g}"
+    row = [scenario.label, scenario.storage, cap]
+    model = None
+    try:
+        model = random_model(config, device, seed=0)
+        model.set_self_attention(make_self_attention(attention, 0.1))
+        if scenario.storage != "dense":
+            quantize_model_linears_(model, scenario.storage)
+        swapped = 0
+        if scenario.cap_gb is not None:
+            swapped = plan_block_swap(model, scenario.cap_gb, tokens).swapped_blocks
+            if swapped:
+                enable_block_swap(model, swapped)
+        weights = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+        _reset_memory(device)
+        if scenario.cap_gb is not None and device.type == "cuda":
+            total = torch.cuda.get_device_properties(device).total_memory
+            torch.cuda.set_per_process_memory_fraction(min(1.0, scenario.cap_gb * GIB / total), device)
+        generator = torch.Generator(device).manual_seed(1)
+        x = torch.randn(shape, generator=generator, device=device)
+        y = None
+        if config.kind == "i2v":
+            y = torch.randn((1, config.condition_dim, *shape[2:]), generator=generator, device=device)
+        context = torch.randn(1, 512, config.text_dim, generator=generator, device=device).to(torch.bfloat16)
+        t = torch.tensor([900.0], device=device)
+        with torch.no_grad():
+            model(x, t, context, y)  # warm-up: kernel compilation, self-checks
+            _synchronize(device)
+            start = time.perf_counter()
+            for _ in range(steps):
+                out = model(x, t, context, y)
+            _synchronize(device)
+        seconds = (time.perf_counter() - start) / steps
+        finite = bool(torch.isfinite(out).all())
+        peak = torch.cuda.max_memory_allocated(device) / GIB if device.type == "cuda" else float("nan")
+        activations = estimate_activation_bytes(config, tokens) / GIB
+        status = "ok" if finite else "non-finite output"
+        if scenario.cap_gb is not None and peak > scenario.cap_gb:
+            status += " (over cap)"
+        row += [
+            str(swapped),
+            f"{weights / GIB:.3f}",
+            f"{activations:.3f}",
+            f"{peak:.2f}",
+            f"{seconds:.3f}",
+            status,
+        ]
+    except torch.cuda.OutOfMemoryError as error:
+        row += ["", "", "", "", "", f"OOM: {str(error).splitlines()[0][:70]}"]
+    except Exception as error:
+        traceback.print_exc()
+        row += ["", "", "", "", "", f"failed: {error!r}"[:80]]
+    finally:
+        if device.type == "cuda":
+            torch.cuda.set_per_process_memory_fraction(1.0, device)
+        del model
+        _reset_memory(device)
+    return row
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _reset_memory(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def scenarios(dry_run: bool) -> list[Scenario]:
+    if dry_run:
+        tiny = WanDiTConfig(dim=256, ffn_dim=512, num_heads=2, num_layers=4, text_dim=64, has_sla_proj=True)
+        tiny_i2v = replace(tiny, in_dim=36)
+        budget = _dry_run_budget(tiny, (64, 48), 9)
+        return [
+            Scenario("tiny i2v bf16", tiny_i2v, (64, 48), 9, "dense"),
+            Scenario("tiny i2v int8", tiny_i2v, (64, 48), 9, "int8"),
+            Scenario("tiny i2v fp8", tiny_i2v, (64, 48), 9, "fp8"),
+            Scenario("tiny int8 + swap", tiny, (64, 48), 9, "int8", cap_gb=budget),
+        ]
+    a14b = WanDiTConfig.from_name("wan2.2-i2v-a14b", has_sla_proj=True)
+    small = WanDiTConfig.from_name("wan2.1-t2v-1.3b", has_sla_proj=True)
+    return [
+        Scenario("A14B 720p", a14b, (1280, 720), 81, "dense"),
+        Scenario("A14B 720p", a14b, (1280, 720), 81, "int8"),
+        Scenario("A14B 720p", a14b, (1280, 720), 81, "fp8"),
+        Scenario("A14B 720p", a14b, (1280, 720), 81, "int8", cap_gb=24),
+        Scenario("A14B 720p", a14b, (1280, 720), 81, "dense", cap_gb=24),
+        Scenario("1.3B 480p", small, (832, 480), 81, "dense", cap_gb=8),
+        Scenario("1.3B 480p", small, (832, 480), 81, "int8", cap_gb=8),
+    ]
+
+
+def _dry_run_budget(config: WanDiTConfig, size: tuple[int, int], frames: int) -> float:
+    """A budget that forces the tiny model to swap all but one of its blocks."""
+    shape = latent_shape(*size, frames)
+    tokens = shape[2] * (shape[3] // 2) * (shape[4] // 2)
+    model = random_model(config, torch.device("cpu"), seed=0)
+    quantize_model_linears_(model, "int8")
+    block = tensor_bytes(model.blocks[0])
+    needed = tensor_bytes(model) - block + estimate_activation_bytes(config, tokens)
+    return needed / GIB
+
+
+def environment(device: torch.device) -> str:
+    parts = [f"torch {torch.__version__}", f"python {platform.python_version()}"]
+    try:
+        import triton
+
+        parts.append(f"triton {triton.__version__}")
+    except ImportError:
+        parts.append("no triton")
+    if device.type == "cuda":
+        properties = torch.cuda.get_device_properties(device)
+        memory = properties.total_memory / GIB
+        parts.insert(0, f"{properties.name} ({memory:.0f} GB, sm{properties.major}{properties.minor})")
+    else:
+        parts.insert(0, "CPU dry run")
+    return ", ".join(parts)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--dry-run", action="store_true", help="tiny shapes on the CPU")
+    parser.add_argument("--attention", default="sagesla", choices=("sagesla", "sla", "sdpa"))
+    parser.add_argument("--steps", type=int, default=2, help="timed forwards per scenario")
+    parser.add_argument("--skip", default="", help="comma-separated parts to skip: gemm, load, steps")
+    args = parser.parse_args()
+    skip = set(filter(None, args.skip.split(",")))
+    if not args.dry_run and not torch.cuda.is_available():
+        parser.error("no CUDA GPU: run with --dry-run to check the script on the CPU")
+    device = torch.device("cpu") if args.dry_run else torch.device("cuda", torch.cuda.current_device())
+    torch.backends.cuda.matmul.allow_tf32 = False
+    start = time.perf_counter()
+    say(environment(device))
+    say()
+    if "gemm" not in skip:
+        tokens = (256, 300) if args.dry_run else GEMM_TOKENS
+        layers = (("tiny a", 256, 256), ("tiny b", 384, 256)) if args.dry_run else GEMM_LAYERS
+        gemm_table(device, tokens, layers, Clock(device))
+    if "load" not in skip:
+        config = (
+            scenarios(args.dry_run)[1].config if args.dry_run else WanDiTConfig.from_name("wan2.1-t2v-14b")
+        )
+        load_quantisation(config, device)
+    if "steps" not in skip:
+        say(f"DiT step (one forward, batch 1, attention {args.attention}, mean of {args.steps}); GB = GiB")
+        rows = [
+            run_step(scenario, device, args.attention, args.steps) for scenario in scenarios(args.dry_run)
+        ]
+        header = ["model", "linears", "cap", "swapped", "weights", "est. act.", "peak", "s/step", "status"]
+        table(header, rows)
+    say(f"total {time.perf_counter() - start:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
