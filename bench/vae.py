@@ -49,7 +49,8 @@ DECODER_OUT_KEYS = ("decoder.head.2.weight", "decoder.head.2.bias")
 VARIANTS = [  # (label, decode options)
     ("fast k=1", {"frames_per_chunk": 1}),
     ("fast k=2", {"frames_per_chunk": 2}),
-    ("fast k=1, full-rate 1 frame per pass", {"frames_per_chunk": 1, "frames_per_pass": 1}),
+    ("fast k=1, full-rate 2 frames per pass", {"frames_per_chunk": 1, "frames_per_pass": 2}),
+    ("fast k=1, cuDNN heuristics (no autotuning)", {"frames_per_chunk": 1, "autotune": False}),
 ]
 DEVICE = "cuda"
 STARTED = 0.0

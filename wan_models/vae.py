@@ -19,6 +19,7 @@ to it, the latent mean and 1/std are made in it, and results come back as float3
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 from collections.abc import Callable
@@ -53,6 +54,7 @@ LATENT_STD = (
 )  # fmt: skip
 # Channel multipliers of the stages; the encoder's 2nd and 3rd downsamplings also halve time.
 DIM_MULT = (1, 2, 4, 4)
+ATTENTION_SCORES_PER_CALL = 2**25  # query x key pairs per attention call (128 MiB of float32 scores)
 TEMPORAL_DOWNSAMPLE = (False, True, True)
 
 ProgressCallback = Callable[[int, int], None]
@@ -68,17 +70,21 @@ class CausalConv3d(nn.Conv3d):
         self.past_frames = 2 * pad_t
         self.spatial_padding = (pad_w, pad_w, pad_h, pad_h)
 
-    def forward(self, x: torch.Tensor, history: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, history: torch.Tensor | None = None, add_bias: bool = True
+    ) -> torch.Tensor:
         past_padding = self.past_frames
         if history is not None and past_padding > 0:
             x = torch.cat([history.to(x.device), x], dim=2)
             past_padding -= history.shape[2]
         padding = (*self.spatial_padding, past_padding, 0)
-        return super().forward(F.pad(x, padding) if any(padding) else x)
+        x = F.pad(x, padding) if any(padding) else x
+        return F.conv3d(x, self.weight, self.bias if add_bias else None, self.stride)
 
 
 class CausalCache:
-    """What each causal layer remembers of the previous time chunk of one clip."""
+    """What each causal layer remembers of the previous time chunk of one clip, and how the layers run:
+    as the reference implementations do (`vae_fast.BufferedCausalCache` is the fast twin)."""
 
     def __init__(self) -> None:
         self._history: dict[nn.Module, torch.Tensor | None] = {}
@@ -92,18 +98,35 @@ class CausalCache:
     def remember(self, layer: nn.Module, frames: torch.Tensor | None) -> None:
         self._history[layer] = frames
 
-    def conv(self, conv: CausalConv3d, x: torch.Tensor) -> torch.Tensor:
+    def conv(self, conv: CausalConv3d, x: torch.Tensor, add_bias: bool = True) -> torch.Tensor:
         """Run `conv` on this chunk with the previous chunk's last input frames in front."""
         history = self.history(conv)
         tail = x[:, :, -CACHE_FRAMES:]
         if tail.shape[2] < CACHE_FRAMES and history is not None:
             tail = torch.cat([history[:, :, -1:].to(x.device), tail], dim=2)
         self.remember(conv, tail.clone())
-        return conv(x, history)
+        return conv(x, history, add_bias)
 
-    def norm_conv(self, norm: RMSNorm, conv: CausalConv3d, x: torch.Tensor) -> torch.Tensor:
-        """`conv(SiLU(norm(x)))` with the history of `conv`."""
-        return self.conv(conv, F.silu(norm(x)))
+    def norm_conv(
+        self,
+        norm: RMSNorm,
+        conv: CausalConv3d,
+        x: torch.Tensor,
+        input_bias: torch.Tensor | None = None,
+        add_bias: bool = True,
+    ) -> torch.Tensor:
+        """`conv(SiLU(norm(x + input_bias)))` with the history of `conv`; its own bias only if `add_bias`."""
+        if input_bias is not None:
+            x = x + input_bias.view(-1, 1, 1, 1)
+        return self.conv(conv, F.silu(norm(x)), add_bias)
+
+    def add_bias_residual(self, h: torch.Tensor, bias: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        """`h + bias + residual`, in place, in this order."""
+        return h.add_(bias.view(-1, 1, 1, 1)).add_(residual)
+
+    def upsample_frames(self, resample: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
+        """The spatial part of an upsampling (nearest x2, then a 3x3 conv), frame by frame."""
+        return per_frame(resample, x)
 
 
 class RMSNorm(nn.Module):
@@ -142,8 +165,17 @@ class ResidualBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, cache: CausalCache) -> torch.Tensor:
         norm1, _, conv1, norm2, _, _, conv2 = self.residual
-        h = cache.norm_conv(norm2, conv2, cache.norm_conv(norm1, conv1, x))
-        return h.add_(self.shortcut(x))
+        # Each conv's bias is added by the step that reads its output (a fused kernel on the fast path),
+        # in the reference's order: conv1 + bias, norm; conv2 + bias, + shortcut. conv1's output is passed
+        # on without a name so that it can be freed as soon as it is normalised.
+        h = cache.norm_conv(
+            norm2,
+            conv2,
+            cache.norm_conv(norm1, conv1, x, add_bias=False),
+            input_bias=conv1.bias,
+            add_bias=False,
+        )
+        return cache.add_bias_residual(h, conv2.bias, self.shortcut(x))
 
 
 class AttentionBlock(nn.Module):
@@ -160,10 +192,16 @@ class AttentionBlock(nn.Module):
 
     def _attend(self, frames: torch.Tensor) -> torch.Tensor:
         n, c, h, w = frames.shape
-        # Tokens with contiguous channels (a view of channels-last frames): SDPA can then use its
-        # memory-efficient kernel instead of materialising the (h*w)^2 scores.
         tokens = self.to_qkv(self.norm(frames)).permute(0, 2, 3, 1).reshape(n, 1, h * w, 3 * c)
-        out = F.scaled_dot_product_attention(*tokens.chunk(3, dim=-1))
+        q, k, v = (part.contiguous() for part in tokens.chunk(3, dim=-1))
+        # One frame and a block of queries per call: SDPA's math fallback (taken for these 384-channel
+        # heads on an H200, bench/NOTES_vae.md) materialises the scores in float32.
+        out = torch.empty_like(q)
+        step = max(1, ATTENTION_SCORES_PER_CALL // (h * w))
+        for i in range(n):
+            for start in range(0, h * w, step):
+                queries = slice(start, start + step)
+                out[i, :, queries] = F.scaled_dot_product_attention(q[i, :, queries], k[i], v[i])
         return self.proj(out.reshape(n, h, w, c).permute(0, 3, 1, 2))
 
 
@@ -197,7 +235,7 @@ class Upsample(nn.Module):
         self.time_conv = CausalConv3d(dim, dim * 2, (3, 1, 1), padding=(1, 0, 0)) if temporal else None
 
     def forward(self, x: torch.Tensor, cache: CausalCache) -> torch.Tensor:
-        return per_frame(self.resample, self.double_frames(x, cache))
+        return cache.upsample_frames(self.resample, self.double_frames(x, cache))
 
     def double_frames(self, x: torch.Tensor, cache: CausalCache) -> torch.Tensor:
         """The temporal part (a no-op without `time_conv`)."""
@@ -291,7 +329,7 @@ class Decoder(nn.Module):
         return torch.cat([self._full_rate(part, cache) for part in x.split(frames_per_pass, dim=2)], dim=2)
 
     def _full_rate(self, x: torch.Tensor, cache: CausalCache) -> torch.Tensor:
-        x = per_frame(self.upsamples[self.last_temporal].resample, x)
+        x = cache.upsample_frames(self.upsamples[self.last_temporal].resample, x)
         for layer in self.upsamples[self.last_temporal + 1 :]:
             x = layer(x, cache)
         norm, _, conv = self.head
@@ -378,11 +416,13 @@ class WanVAE(nn.Module):
         frames_per_chunk: int | None = None,
         frames_per_pass: int | None = None,
         output_device: torch.device | str | None = None,
+        autotune: bool | None = None,
     ) -> DecodePlan:
         """The plan `decode` follows for these arguments (see `decode`)."""
         chunk = DEFAULT_FRAMES_PER_CHUNK if frames_per_chunk is None else frames_per_chunk
         if vram_budget_gib is None:
-            return plan_decode(latent_shape, tile_size, tile_overlap, chunk, frames_per_pass)
+            plan = plan_decode(latent_shape, tile_size, tile_overlap, chunk, frames_per_pass)
+            return plan if autotune is None else dataclasses.replace(plan, autotune=autotune)
         if tile_size is not None or tile_overlap is not None or frames_per_pass is not None:
             raise ValueError(
                 "give either vram_budget_gib (the plan is chosen to fit it) or tile_size / tile_overlap / "
@@ -392,7 +432,7 @@ class WanVAE(nn.Module):
             t.numel() * t.element_size() for t in itertools.chain(self.parameters(), self.buffers())
         )
         output = torch.device(output_device) if output_device is not None else self.device
-        return plan_for_budget(
+        plan = plan_for_budget(
             latent_shape,
             int(vram_budget_gib * GIB),
             weights,
@@ -401,6 +441,7 @@ class WanVAE(nn.Module):
             output_on_device=output.type == self.device.type,
             frames_per_chunk=chunk,
         )
+        return plan if autotune is None else dataclasses.replace(plan, autotune=autotune)
 
     @torch.no_grad()
     def decode(
@@ -414,6 +455,7 @@ class WanVAE(nn.Module):
         vram_budget_gib: float | None = None,
         frames_per_chunk: int | None = None,
         frames_per_pass: int | None = None,
+        autotune: bool | None = None,
     ) -> torch.Tensor:
         """Normalised latent `[B, 16, T, h, w]` -> video `[B, 3, 1 + 4(T-1), 8h, 8w]` in [-1, 1], float32.
 
@@ -426,9 +468,11 @@ class WanVAE(nn.Module):
         measured with random weights).
         `vram_budget_gib` instead chooses the plan: the fastest whose modelled peak memory on the VAE's
         device, the VAE's weights included, fits the budget; untiled if possible (`decode_plan` tells which,
-        and it is logged). `callback(done, total)` is called after every pass with the latent frames decoded
-        so far, over all tiles (total = frames x tiles). The video is built on `output_device` (default: the
-        VAE's device); CPU output from a CUDA decode is streamed while decoding.
+        and it is logged); it decodes with cuDNN's heuristics, since autotuning's trials take memory beyond
+        the budget (`autotune` overrides either default). `callback(done, total)` is called after every pass
+        with the latent frames decoded so far, over all tiles (total = frames x tiles). The video is built on
+        `output_device` (default: the VAE's device); CPU output from a CUDA decode is streamed while
+        decoding.
         """
         check_latent_shape(latent.shape)
         plan = self.decode_plan(
@@ -439,6 +483,7 @@ class WanVAE(nn.Module):
             frames_per_chunk=frames_per_chunk,
             frames_per_pass=frames_per_pass,
             output_device=output_device,
+            autotune=autotune,
         )
         logger.info("Wan VAE decode: %s", plan.describe())
         z = self._denormalised(latent)
@@ -452,7 +497,7 @@ class WanVAE(nn.Module):
         memory_format = memory_format_for(self.device)
         done, total = 0, frames * plan.tile_count
         try:
-            with autotuned_convolutions(self.device):
+            with autotuned_convolutions(self.device, plan.autotune):
                 for tile in plan.tiles():
                     cache = BufferedCausalCache(memory_format)
                     weight = tile.weight.to(self.device) if plan.tiled else None

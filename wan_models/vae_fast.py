@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..turbo_kernels.rms_norm_silu import rms_norm_silu
+from ..turbo_kernels.channels_last_ops import add_bias_residual_, rms_norm_silu, upsample_nearest2x
 
 
 def memory_format_for(device: torch.device) -> torch.memory_format:
@@ -37,13 +37,14 @@ def memory_format_for(device: torch.device) -> torch.memory_format:
 
 
 @contextmanager
-def autotuned_convolutions(device: torch.device) -> Iterator[None]:
-    """cuDNN benchmark mode on CUDA (each new shape is timed once per process), restored afterwards."""
+def autotuned_convolutions(device: torch.device, enabled: bool = True) -> Iterator[None]:
+    """cuDNN benchmark mode on or off while the VAE runs on CUDA, restored afterwards. On, each new
+    convolution shape is timed once per process (fastest kernels; the trials briefly take extra memory)."""
     if device.type != "cuda":
         yield
         return
     previous = torch.backends.cudnn.benchmark
-    torch.backends.cudnn.benchmark = True
+    torch.backends.cudnn.benchmark = enabled
     try:
         yield
     finally:
@@ -83,16 +84,25 @@ class BufferedCausalCache:
     def remember(self, layer: nn.Module, frames: torch.Tensor | None) -> None:
         self._history[layer] = frames
 
-    def conv(self, conv: nn.Conv3d, x: torch.Tensor) -> torch.Tensor:
-        return self.norm_conv(None, conv, x)
+    def conv(self, conv: nn.Conv3d, x: torch.Tensor, add_bias: bool = True) -> torch.Tensor:
+        return self.norm_conv(None, conv, x, add_bias=add_bias)
 
-    def norm_conv(self, norm: nn.Module | None, conv: nn.Conv3d, x: torch.Tensor) -> torch.Tensor:
-        """`conv(SiLU(norm(x)))` (`conv(x)` without a norm), the cached frames in front."""
+    def norm_conv(
+        self,
+        norm: nn.Module | None,
+        conv: nn.Conv3d,
+        x: torch.Tensor,
+        input_bias: torch.Tensor | None = None,
+        add_bias: bool = True,
+    ) -> torch.Tensor:
+        """`conv(SiLU(norm(x + input_bias)))` (`conv(x)` without a norm), the cached frames in front; the
+        conv's own bias only if `add_bias` (else the caller adds it in a fused step)."""
         past = conv.past_frames
         pad_w, _, pad_h, _ = conv.spatial_padding
+        bias = conv.bias if add_bias else None
         if not past:
-            source = x if norm is None else rms_norm_silu(x, norm.gamma, norm.scale)
-            return F.conv3d(source, conv.weight, conv.bias, conv.stride, padding=(0, pad_h, pad_w))
+            source = x if norm is None else rms_norm_silu(x, norm.gamma, norm.scale, bias=input_bias)
+            return F.conv3d(source, conv.weight, bias, conv.stride, padding=(0, pad_h, pad_w))
         batch, channels, frames, height, width = x.shape
         buffer = torch.empty(
             (batch, channels, past + frames, height, width),
@@ -108,10 +118,21 @@ class BufferedCausalCache:
         if norm is None:
             buffer[:, :, past:].copy_(x)
         else:
-            rms_norm_silu(x, norm.gamma, norm.scale, out=buffer[:, :, past:])
+            rms_norm_silu(x, norm.gamma, norm.scale, out=buffer[:, :, past:], bias=input_bias)
         del x  # a temporary of the caller (a residual block's first conv output) is freed before convolving
         if history is None:
             self.remember(conv, buffer[:, :, -past:].clone())
         else:
             history.copy_(buffer[:, :, -past:])
-        return F.conv3d(buffer, conv.weight, conv.bias, conv.stride, padding=(0, pad_h, pad_w))
+        return F.conv3d(buffer, conv.weight, bias, conv.stride, padding=(0, pad_h, pad_w))
+
+    def add_bias_residual(self, h: torch.Tensor, bias: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        return add_bias_residual_(h, bias, residual)
+
+    def upsample_frames(self, resample: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
+        """Nearest x2 (a copy kernel), then the 3x3 conv, on all frames at once."""
+        conv = resample[1]
+        batch, frames = x.shape[0], x.shape[2]
+        up = upsample_nearest2x(x.transpose(1, 2).flatten(0, 1))
+        out = F.conv2d(up, conv.weight, conv.bias, padding=conv.padding)
+        return out.unflatten(0, (batch, frames)).transpose(1, 2)
