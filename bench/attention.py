@@ -410,6 +410,26 @@ def benchmark_shape(shape: str, topks: list[float], recipe: R.SageRecipe, rows: 
         bench_sparse(timer, q, k, v, proj, topk, recipe, configs)
 
 
+def speedups(rows: list) -> list[str]:
+    """Complete ops vs the baselines measured in the same run."""
+    ms = {(r["shape"], r["op"]): r["ms"] for r in rows}
+    lines = []
+    for shape in dict.fromkeys(r["shape"] for r in rows):
+        cudnn = ms.get((shape, "sdpa cudnn (dense bf16)"))
+        for (row_shape, op), t in ms.items():
+            if row_shape != shape or not op.startswith("ours s") or "complete" not in op:
+                continue
+            topk = op.rsplit("topk=", 1)[1]
+            reference = ms.get((shape, f"TurboDiffusion SparseLinearAttention topk={topk}"))
+            parts = [f"{shape} {op}: {t:.3f} ms"]
+            if reference:
+                parts.append(f"{reference / t:.2f}x the TurboDiffusion SLA module ({reference:.3f} ms)")
+            if cudnn:
+                parts.append(f"{cudnn / t:.2f}x cuDNN dense ({cudnn:.3f} ms)")
+            lines.append(", ".join(parts))
+    return lines
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -449,6 +469,8 @@ def main() -> None:
                 say(traceback.format_exc())
     for line in register_report():
         say(f"[kernel] {line}")
+    for line in speedups(rows):
+        say(f"[speed-up] {line}")
     failed = [k for k, r in results.items() if not r["ok"]]
     say(f"[summary] checks: {len(results) - len(failed)} passed, {len(failed)} failed {failed}")
     say(f"[summary] total {time.time() - start:.0f} s")
