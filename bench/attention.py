@@ -302,7 +302,9 @@ def bench_dense(timer: Timer, q, k, v, recipe: R.SageRecipe) -> None:
     timer("ours sage dense (int8/fp8)", lambda: sage_dense_attention_triton(q, k, v, recipe), rep=rep)
 
 
-def bench_sparse(timer: Timer, q, k, v, proj, topk: float, recipe: R.SageRecipe, configs: dict) -> None:
+def bench_sparse(
+    timer: Timer, q, k, v, proj, topk: float, recipe: R.SageRecipe, configs: dict, variants: bool
+) -> None:
     sla_blocks = R.SLA_BLOCKS
     sage_blocks = (recipe.blkq, recipe.blkk)
     module = reference_sla_module(topk, proj)
@@ -329,7 +331,7 @@ def bench_sparse(timer: Timer, q, k, v, proj, topk: float, recipe: R.SageRecipe,
     k_sel = R.selected_block_count(prep.pooled_k.shape[1], topk)
     lut, counts = select_blocks(prep.pooled_q, prep.pooled_k, k_sel)
     fp8 = recipe.pv_dtype == "fp8"
-    for tile, warps, waves in ((64, 8, 2), (32, 8, 4), (64, 8, 4)):
+    for tile, warps, waves in ((32, 8, 4), (64, 8, 2))[: 2 if variants else 1]:
         timer(
             f"part stats kernel tile {tile} w{warps} x{waves} topk={topk}",
             lambda t=tile, w=warps, x=waves: partial_stats(
@@ -382,7 +384,8 @@ def bench_sparse(timer: Timer, q, k, v, proj, topk: float, recipe: R.SageRecipe,
     pooled_q, _, _ = pool_and_quantise(q, sla_blocks[0], linear=stats.linear, linear_out=out)
     pooled_k, _, _ = pool_and_quantise(k, sla_blocks[1], mean=stats.k_mean)
     sla_lut, sla_counts = select_blocks(pooled_q, pooled_k, R.selected_block_count(pooled_k.shape[1], topk))
-    for name, config in (("128x64 w8 s3", KernelConfig(128, 8, 3)), ("64x64 w4 s2", KernelConfig(64, 4, 2))):
+    sla_configs = (("128x64 w8 s3", KernelConfig(128, 8, 3)), ("64x64 w4 s2", KernelConfig(64, 4, 2)))
+    for name, config in sla_configs[: 2 if variants else 1]:
 
         def sla_kernel(config=config):
             return bf16_sparse_attention(
@@ -397,7 +400,9 @@ def bench_sparse(timer: Timer, q, k, v, proj, topk: float, recipe: R.SageRecipe,
         )
 
 
-def benchmark_shape(shape: str, topks: list[float], recipe: R.SageRecipe, rows: list, configs: dict) -> None:
+def benchmark_shape(
+    shape: str, topks: list[float], recipe: R.SageRecipe, rows: list, configs: dict, variants: bool
+) -> None:
     heads, length = SHAPES[shape]
     timer = Timer(shape, heads, length, rows)
     say(
@@ -407,7 +412,7 @@ def benchmark_shape(shape: str, topks: list[float], recipe: R.SageRecipe, rows: 
     proj = random_projection(128, seed=5, device=DEVICE)
     bench_dense(timer, q, k, v, recipe)
     for topk in topks:
-        bench_sparse(timer, q, k, v, proj, topk, recipe, configs)
+        bench_sparse(timer, q, k, v, proj, topk, recipe, configs, variants)
 
 
 def speedups(rows: list) -> list[str]:
@@ -439,6 +444,7 @@ def main() -> None:
     parser.add_argument("--skip-checks", action="store_true")
     parser.add_argument("--skip-bench", action="store_true")
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--no-variants", action="store_true", help="time only the default kernel configs")
     args = parser.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.set_grad_enabled(False)
@@ -448,10 +454,9 @@ def main() -> None:
     say(f"recipe {recipe}")
     hopper = torch.cuda.get_device_capability(0)[0] == 9
     base = KernelConfig(64, 4, 2) if hopper else KernelConfig(128, 8, 3)
-    configs = {
-        "default": (base, None),
-        "ptr": (base, False),
-    }
+    configs = (
+        {"default": (base, None), "ptr": (base, False)} if not args.no_variants else {"default": (base, None)}
+    )
     results: dict = {}
     rows: list = []
     start = time.time()
@@ -464,7 +469,14 @@ def main() -> None:
     if not args.skip_bench:
         for shape in args.shapes.split(","):
             try:
-                benchmark_shape(shape, [float(t) for t in args.topk.split(",")], recipe, rows, configs)
+                benchmark_shape(
+                    shape,
+                    [float(t) for t in args.topk.split(",")],
+                    recipe,
+                    rows,
+                    configs,
+                    not args.no_variants,
+                )
             except Exception:
                 say(traceback.format_exc())
     for line in register_report():
