@@ -72,7 +72,8 @@ GEMM_LAYERS = (
     ("14B ffn.0", 5120, 13824),
     ("14B ffn.2", 13824, 5120),
 )
-INT8_SWEEP = ((128, 128, 8, 3), (128, 256, 8, 3), (256, 128, 8, 3), (128, 128, 4, 4), (64, 128, 4, 3))
+# (block_m, block_n, warps, stages); tiles must divide 128. The first is the default config.
+INT8_SWEEP = ((128, 128, 8, 3), (128, 128, 8, 4), (128, 64, 4, 4), (64, 128, 4, 4), (64, 64, 4, 4))
 TARGET_SPEEDUP = 1.6
 
 

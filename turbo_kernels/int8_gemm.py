@@ -8,8 +8,9 @@ Computes exactly what `w8a8_reference.w8a8_linear` computes, in two kernels:
   saturated to [−128, 127], scale = amax/128. Writes int8 [M, K] and fp32 scales [⌈M/128⌉, ⌈K/128⌉]. One
   read of X and one int8 write: ≈ 3 bytes per element, so cheap next to the GEMM (KERNELS.md §4.6).
 * `w8a8_matmul_triton`: Y [M, N] = Σ_kb fp32(int32 dot of one 128-wide K block) · (sx·sw) + bias.
-  A (M×K) and W (N×K) both K-contiguous, BLOCK_K = 128 = the scale tile, so each K step is one int32
-  `tl.dot` (IMMA / IGMMA) and one fp32 multiply-accumulate with the scale product; grouped tile order for
+  A (M×K) and W (N×K) both K-contiguous, BLOCK_K = 128 = the scale tile, and BLOCK_M, BLOCK_N divide 128, so
+  each K step of an output tile is one int32 `tl.dot` (IMMA / IGMMA), one scalar scale product and one
+  fp32 multiply-accumulate, exactly the reference kernel's per-block dequantisation; grouped tile order for
   L2 reuse. Epilogue: cast to the output dtype (the activation dtype), then the bias added in fp32 and
   rounded again, which equals the reference's separate bf16 add.
 
@@ -22,10 +23,14 @@ GPUs: CUDA with compute capability >= 8.0 (int8 `tl.dot`: IMMA on sm80/86/89/120
 
 Tested: tests/test_quant_triton_interpret.py runs both kernels under TRITON_INTERPRET=1 (the interpreter
 computes int8 dots exactly) against the PyTorch reference and a float64 evaluation of the spec formula,
-with ragged M/N/K. Not tested here: GPU numerics and speed (no GPU in CI); `Int8Linear` self-checks this
-kernel against the reference on first use per device and falls back if they disagree. GPU timings:
-bench/memory.py. The default config (128×128 tiles, 8 warps, 3 stages = 96 KB of shared memory) is the
-reference kernel's tile shape and fits the 100 KB of sm86/sm89; it is not tuned.
+with ragged M/N/K. GPU numerics and speed are not tested here (no GPU in CI); `Int8Linear` checks this
+kernel against the reference on first use per device and falls back if they disagree; tests/test_quant_gpu.py
+and bench/memory.py cover the GPU.
+Compile-only check (Triton 3.9, ptxas of its wheel, 2026; pointers and M/N/K specialised as divisible by 16,
+as the launcher does for real tensors): the default 128×128 tile, 8 warps, 3 stages is software-pipelined
+(cp.async), uses 168-170 registers and 64 KB of shared memory on sm80/86/89, 200 registers and 96 KB with
+wgmma on sm90, no spills; 4 warps on a 128×128 tile spill, 64-wide tiles with 4 warps do not. The config
+is the reference kernel's tile shape and has not been tuned on a GPU (bench/memory.py sweeps a few).
 
 Notes: rounding uses the 1.5·2^23 trick ((v + c) − c rounds |v| <= 2^22 to nearest even) because libdevice
 `rint` is not available in the interpreter (Triton 3.9, 2026); the quantiser is launched with
@@ -50,6 +55,7 @@ ROUND_MAGIC = tl.constexpr(12582912.0)
 # Triton kernels may only read module constants declared as constexpr.
 _AMAX_FLOOR = tl.constexpr(AMAX_FLOOR)
 _QUANT_LEVELS = tl.constexpr(QUANT_LEVELS)
+_INVERSE_LEVELS = tl.constexpr(1.0 / QUANT_LEVELS)  # 2^-7: multiplying by it is exact
 
 
 def interpreting() -> bool:
@@ -81,12 +87,13 @@ def _quantize_tiles_kernel(
     offsets = rows[:, None].to(tl.int64) * stride_xm + columns[None, :]
     x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
     amax = tl.maximum(tl.max(tl.max(tl.abs(x), axis=1), axis=0), _AMAX_FLOOR)
-    scaled = x * tl.math.div_rn(_QUANT_LEVELS, amax)
+    # Triton's "/" is an approximate division on the GPU; div_rn is correctly rounded, like the reference.
+    scaled = x * tl.math.div_rn(tl.full((), _QUANT_LEVELS, tl.float32), amax)
     rounded = (scaled + ROUND_MAGIC) - ROUND_MAGIC
     codes = tl.minimum(tl.maximum(rounded, -128.0), 127.0).to(tl.int8)
     code_offsets = rows[:, None].to(tl.int64) * K + columns[None, :]
     tl.store(codes_ptr + code_offsets, codes, mask=mask)
-    tl.store(scale_ptr + tile_m * scale_columns + tile_k, amax / _QUANT_LEVELS)
+    tl.store(scale_ptr + tile_m * scale_columns + tile_k, amax * _INVERSE_LEVELS)
 
 
 @triton.jit
@@ -137,9 +144,11 @@ def _w8a8_gemm_kernel(
     safe_n = (offs_n % N).to(tl.int64)
     a_ptrs = a_ptr + safe_m[:, None] * K + offs_k[None, :]
     w_ptrs = w_ptr + safe_n[:, None] * K + offs_k[None, :]
-    # BLOCK_K is the 128-wide scale tile, so row m's scales are row m // BLOCK_K of the scale matrix.
-    a_scale_ptrs = a_scale_ptr + (safe_m // BLOCK_K) * k_tiles
-    w_scale_ptrs = w_scale_ptr + (safe_n // BLOCK_K) * k_tiles
+    # BLOCK_K is the 128-wide scale tile and BLOCK_M, BLOCK_N divide it, so one activation scale and one
+    # weight scale cover the whole output tile at each K step: two scalar loads, one scalar product.
+    tl.static_assert(BLOCK_K % BLOCK_M == 0 and BLOCK_K % BLOCK_N == 0)
+    a_scale_row = a_scale_ptr + ((pid_m * BLOCK_M) // BLOCK_K).to(tl.int64) * k_tiles
+    w_scale_row = w_scale_ptr + ((pid_n * BLOCK_N) // BLOCK_K).to(tl.int64) * k_tiles
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for kb in range(0, k_tiles):
@@ -151,9 +160,8 @@ def _w8a8_gemm_kernel(
             a = tl.load(a_ptrs, mask=in_k, other=0)
             w = tl.load(w_ptrs, mask=in_k, other=0)
         partial = tl.dot(a, tl.trans(w))  # int32: exact sum of one 128-wide K block
-        a_scale = tl.load(a_scale_ptrs + kb)
-        w_scale = tl.load(w_scale_ptrs + kb)
-        acc += partial.to(tl.float32) * (a_scale[:, None] * w_scale[None, :])
+        scale = tl.load(a_scale_row + kb) * tl.load(w_scale_row + kb)
+        acc += partial.to(tl.float32) * scale
         a_ptrs += BLOCK_K
         w_ptrs += BLOCK_K
 
@@ -197,6 +205,8 @@ def w8a8_matmul_triton(
     columns = weight_codes.shape[0]
     if weight_codes.shape[1] != depth:
         raise ValueError(f"activations have {depth} features but the weight expects {weight_codes.shape[1]}")
+    if TILE % config.block_m or TILE % config.block_n:
+        raise ValueError(f"block_m and block_n must divide {TILE}, got {config.block_m} and {config.block_n}")
     tensors = (x_codes, x_scale, weight_codes, weight_scale)
     if not all(t.is_contiguous() for t in tensors):
         raise ValueError("codes and scales must be contiguous")

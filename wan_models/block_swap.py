@@ -193,8 +193,18 @@ class BlockSwap:
         return out
 
     def _start_forward(self, module: nn.Module, args) -> None:
+        device = next(self.slots.parameters()).device
+        if device.type == "cuda":
+            # Work queued before this forward (e.g. the asynchronous move of the model onto the GPU, which
+            # writes the slots) must land before the copies overwrite the slots.
+            self._copy_stream(device).wait_stream(torch.cuda.current_stream(device))
         for order in range(len(self.slots)):
             self._load(order)
+
+    def _copy_stream(self, device: torch.device) -> torch.cuda.Stream:
+        if device not in self._copy_streams:
+            self._copy_streams[device] = torch.cuda.Stream(device)
+        return self._copy_streams[device]
 
     def _load(self, order: int) -> None:
         """Copy the weights of swapped block `order` into its slot (asynchronously on CUDA)."""
@@ -207,7 +217,7 @@ class BlockSwap:
                 for target, source in pairs:
                     target.copy_(source)
             return
-        stream = self._copy_streams.setdefault(device, torch.cuda.Stream(device))
+        stream = self._copy_stream(device)
         if self._free[slot_index] is not None:
             stream.wait_event(self._free[slot_index])  # the slot's previous block has finished computing
         with torch.cuda.stream(stream), torch.no_grad():
