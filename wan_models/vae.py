@@ -30,7 +30,7 @@ from torch import nn
 
 from .vae_fast import (
     BufferedCausalCache,
-    autotuned_convolutions,
+    cudnn_benchmark,
     latent_chunks,
     memory_format_for,
     video_chunks,
@@ -40,7 +40,8 @@ from .vae_plan import GIB, SPATIAL_FACTOR, TEMPORAL_FACTOR, DecodePlan, plan_dec
 
 LATENT_CHANNELS = 16
 CACHE_FRAMES = 2
-# Latent frames per pass; bench/vae.py compares 1, 2 and 4 on the GPU (bench/NOTES_vae.md).
+# Latent frames per decoder pass. On an H200 (bench/NOTES_vae.md) 2 was 3-5% faster than 1 but peaked
+# 1.1 GiB (480p) / 2.5 GiB (720p) higher, as high as diffusers; 1 is 2.3-2.4x diffusers' speed.
 DEFAULT_FRAMES_PER_CHUNK = 1
 DEFAULT_ENCODE_FRAMES_PER_CHUNK = 1
 # Per-channel latent statistics of the Wan 2.1 VAE (identical in every reference implementation).
@@ -374,7 +375,7 @@ class WanVAE(nn.Module):
         check_video_shape(video.shape)
         memory_format = memory_format_for(self.device)
         cache = BufferedCausalCache(memory_format)
-        with autotuned_convolutions(self.device):
+        with cudnn_benchmark(self.device, enabled=False):
             features = torch.cat(
                 [
                     self.encoder(
@@ -419,28 +420,29 @@ class WanVAE(nn.Module):
         autotune: bool | None = None,
     ) -> DecodePlan:
         """The plan `decode` follows for these arguments (see `decode`)."""
-        chunk = DEFAULT_FRAMES_PER_CHUNK if frames_per_chunk is None else frames_per_chunk
         if vram_budget_gib is None:
+            chunk = DEFAULT_FRAMES_PER_CHUNK if frames_per_chunk is None else frames_per_chunk
             plan = plan_decode(latent_shape, tile_size, tile_overlap, chunk, frames_per_pass)
-            return plan if autotune is None else dataclasses.replace(plan, autotune=autotune)
-        if tile_size is not None or tile_overlap is not None or frames_per_pass is not None:
+        elif any(
+            option is not None for option in (tile_size, tile_overlap, frames_per_chunk, frames_per_pass)
+        ):
             raise ValueError(
                 "give either vram_budget_gib (the plan is chosen to fit it) or tile_size / tile_overlap / "
-                "frames_per_pass, not both"
+                "frames_per_chunk / frames_per_pass, not both"
             )
-        weights = sum(
-            t.numel() * t.element_size() for t in itertools.chain(self.parameters(), self.buffers())
-        )
-        output = torch.device(output_device) if output_device is not None else self.device
-        plan = plan_for_budget(
-            latent_shape,
-            int(vram_budget_gib * GIB),
-            weights,
-            self.base_dim,
-            torch.finfo(self.dtype).bits // 8,
-            output_on_device=output.type == self.device.type,
-            frames_per_chunk=chunk,
-        )
+        else:
+            weights = sum(
+                t.numel() * t.element_size() for t in itertools.chain(self.parameters(), self.buffers())
+            )
+            output = torch.device(output_device) if output_device is not None else self.device
+            plan = plan_for_budget(
+                latent_shape,
+                int(vram_budget_gib * GIB),
+                weights,
+                self.base_dim,
+                torch.finfo(self.dtype).bits // 8,
+                output_on_device=output.type == self.device.type,
+            )
         return plan if autotune is None else dataclasses.replace(plan, autotune=autotune)
 
     @torch.no_grad()
@@ -468,8 +470,8 @@ class WanVAE(nn.Module):
         measured with random weights).
         `vram_budget_gib` instead chooses the plan: the fastest whose modelled peak memory on the VAE's
         device, the VAE's weights included, fits the budget; untiled if possible (`decode_plan` tells which,
-        and it is logged); it decodes with cuDNN's heuristics, since autotuning's trials take memory beyond
-        the budget (`autotune` overrides either default). `callback(done, total)` is called after every pass
+        and it is logged). `autotune` turns cuDNN's benchmark mode on (off by default: no faster on an H200,
+        and its trials take time and memory). `callback(done, total)` is called after every pass
         with the latent frames decoded so far, over all tiles (total = frames x tiles). The video is built on
         `output_device` (default: the VAE's device); CPU output from a CUDA decode is streamed while
         decoding.
@@ -497,7 +499,7 @@ class WanVAE(nn.Module):
         memory_format = memory_format_for(self.device)
         done, total = 0, frames * plan.tile_count
         try:
-            with autotuned_convolutions(self.device, plan.autotune):
+            with cudnn_benchmark(self.device, enabled=plan.autotune):
                 for tile in plan.tiles():
                     cache = BufferedCausalCache(memory_format)
                     weight = tile.weight.to(self.device) if plan.tiled else None

@@ -37,9 +37,9 @@ def memory_format_for(device: torch.device) -> torch.memory_format:
 
 
 @contextmanager
-def autotuned_convolutions(device: torch.device, enabled: bool = True) -> Iterator[None]:
-    """cuDNN benchmark mode on or off while the VAE runs on CUDA, restored afterwards. On, each new
-    convolution shape is timed once per process (fastest kernels; the trials briefly take extra memory)."""
+def cudnn_benchmark(device: torch.device, enabled: bool) -> Iterator[None]:
+    """cuDNN benchmark mode on or off while the VAE runs on CUDA, restored afterwards (on, each new
+    convolution shape is timed once per process; the trials take time and extra memory)."""
     if device.type != "cuda":
         yield
         return

@@ -41,6 +41,9 @@ MARGIN_BYTES = 128 * 2**20
 # Float32 scores and softmax of the mid-block attention if SDPA materialises them (see vae.py).
 ATTENTION_SCORE_BYTES = 2 * 4 * 2**25
 BUDGET_TILE_OVERLAP = 8  # latent px (64 video px), as ComfyUI's tiled VAE decoding
+# (frames_per_chunk, frames_per_pass) from fastest to smallest: fewer passes cost less launch overhead
+# (a pass is about 250 kernel launches), and 2 latent frames per pass beat 1 on an H200.
+BUDGET_FRAME_PLANS = ((2, None), (2, 4), (1, None), (2, 2), (1, 2), (2, 1), (1, 1))
 
 
 @dataclass(frozen=True)
@@ -71,7 +74,9 @@ class DecodePlan:
     tile_overlap: int
     frames_per_chunk: int = 1
     frames_per_pass: int | None = None
-    autotune: bool = True  # cuDNN benchmark mode: faster kernels, but its trials briefly take extra memory
+    # cuDNN benchmark mode. Its trials take time (seconds per new shape) and memory, and on an H200 it found
+    # kernels no faster than cuDNN's heuristics (bench/NOTES_vae.md), so it is off unless asked for.
+    autotune: bool = False
 
     @property
     def tiled(self) -> bool:
@@ -194,11 +199,10 @@ def plan_for_budget(
     base_dim: int,
     element_size: int,
     output_on_device: bool,
-    frames_per_chunk: int = 1,
 ) -> DecodePlan:
     """The fastest plan whose `estimate_decode_bytes` plus `resident_bytes` (the VAE's weights) fits
-    `budget_bytes`: untiled (exact) if possible with fewer frames per pass, else the tiling with the least
-    decoded area (overlap `BUDGET_TILE_OVERLAP`)."""
+    `budget_bytes`: untiled (exact) if possible with fewer frames per pass (`BUDGET_FRAME_PLANS`), else
+    the tiling with the least decoded area (overlap `BUDGET_TILE_OVERLAP`). Without cuDNN autotuning."""
 
     def need(plan: DecodePlan) -> int:
         estimate = estimate_decode_bytes(plan, latent_shape, base_dim, element_size, output_on_device)
@@ -208,11 +212,9 @@ def plan_for_budget(
     for rows, cols in _tilings_by_area(height, width, BUDGET_TILE_OVERLAP):
         tiled = len(rows) * len(cols) > 1
         tile_size = max(b - a for a, b in (*rows, *cols)) if tiled else None
-        for frames_per_pass in (None, 8, 4, 2, 1):
+        for frames_per_chunk, frames_per_pass in BUDGET_FRAME_PLANS:
             overlap = BUDGET_TILE_OVERLAP if tiled else 0
-            plan = DecodePlan(
-                rows, cols, tile_size, overlap, frames_per_chunk, frames_per_pass, autotune=False
-            )
+            plan = DecodePlan(rows, cols, tile_size, overlap, frames_per_chunk, frames_per_pass)
             if need(plan) <= budget_bytes:
                 return plan
     side = 2 * BUDGET_TILE_OVERLAP
