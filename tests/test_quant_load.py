@@ -5,6 +5,7 @@ conversions run one layer at a time; the converted models stay close to diffuser
 from __future__ import annotations
 
 import weakref
+from pathlib import Path
 
 import pytest
 import torch
@@ -169,3 +170,77 @@ def test_conversion_frees_each_layer_before_the_next(monkeypatch):
 def test_bad_option_is_refused_before_reading(tmp_path):
     with pytest.raises(ValueError, match="linear_quant must be one of"):
         load_dit(tmp_path / "missing.pth", linear_quant="int4")
+
+
+def _comfy_fp8_file(tmp_path, release) -> tuple[Path, dict[str, torch.Tensor]]:
+    """ComfyUI's legacy scaled-fp8 layout (FORMATS.md §1.6) under the full-checkpoint prefix: e4m3 block
+    linears with a per-tensor `scale_weight`, everything else bf16."""
+    prefix = "model.diffusion_model."
+    stored = {"scaled_fp8": torch.empty(0, dtype=torch.float8_e4m3fn)}
+    for key, value in release["bf16"].items():
+        if ".proj_l." in key:
+            continue
+        if key == "patch_embedding.weight":
+            value = value.reshape(-1, 16, 1, 2, 2)
+        module = key.rsplit(".", 1)[0]
+        if key.endswith(".weight") and module.split(".", 2)[-1] in BLOCK_LINEARS:
+            scale = value.float().abs().max() / 448
+            stored[prefix + key] = (value.float() / scale).to(torch.float8_e4m3fn)
+            stored[prefix + module + ".scale_weight"] = scale
+        else:
+            stored[prefix + key] = value
+    path = tmp_path / "wan2.1_t2v_tiny_fp8_scaled.safetensors"
+    save_file(stored, path)
+    return path, stored
+
+
+def test_comfy_fp8_file_stays_fp8_and_computes_as_comfyui(tmp_path, release):
+    path, stored = _comfy_fp8_file(tmp_path, release)
+
+    kept = load_dit(path, dtype=torch.float32)
+    dense = load_dit(path, dtype=torch.float32, linear_quant="none")
+
+    layer = kept.blocks[1].cross_attn.k
+    key = "model.diffusion_model.blocks.1.cross_attn.k"
+    assert isinstance(layer, Fp8Linear) and layer.activations == "weight_only"
+    assert torch.equal(layer.weight.view(torch.uint8), stored[key + ".weight"].view(torch.uint8))
+    assert torch.equal(layer.weight_scale, stored[key + ".scale_weight"].expand(256))
+    assert isinstance(dense.blocks[1].cross_attn.k, torch.nn.Linear)
+    with torch.no_grad():
+        inputs = release["inputs"][:3]
+        assert torch.allclose(kept(*inputs), dense(*inputs), atol=1e-5)
+    kept_bytes = sum(t.numel() * t.element_size() for t in kept.state_dict().values())
+    dense_bytes = sum(t.numel() * t.element_size() for t in dense.state_dict().values())
+    assert kept_bytes < 0.6 * dense_bytes
+
+
+def test_fp8_option_on_an_fp8_file_keeps_the_codes_and_runs_w8a8(tmp_path, release):
+    path, stored = _comfy_fp8_file(tmp_path, release)
+    model = load_dit(path, linear_quant="fp8")
+    layer = model.blocks[0].ffn[0]
+    assert layer.activations == "auto" and model.compute_dtype == torch.bfloat16
+    key = "model.diffusion_model.blocks.0.ffn.0.weight"
+    assert torch.equal(layer.weight.view(torch.uint8), stored[key].view(torch.uint8))
+    assert _relative_output_error(model, release) < 3e-2
+
+
+def test_fp8_files_with_other_block_linear_storage_are_dequantised_whole():
+    e4m3 = torch.ones(4, 4).to(torch.float8_e4m3fn)
+    state = {
+        "blocks.0.ffn.0.weight": e4m3,
+        "blocks.0.ffn.0.scale_weight": torch.tensor(0.5),
+        "blocks.0.ffn.2.weight": e4m3,
+        "blocks.0.ffn.0.bias": torch.zeros(4),
+    }
+    rest, kept = quantize.split_stored_fp8_linears(state)
+    assert set(kept.codes) == {"blocks.0.ffn.0.weight", "blocks.0.ffn.2.weight"}
+    assert kept.scales["blocks.0.ffn.0.weight"].item() == 0.5 and kept.scales["blocks.0.ffn.2.weight"] == 1
+    assert set(rest) == {"blocks.0.ffn.0.bias"}
+
+    for changed in (
+        {"blocks.0.ffn.2.weight": torch.ones(4, 4, dtype=torch.bfloat16)},
+        {"blocks.0.ffn.2.weight": torch.ones(4, 4).to(torch.float8_e5m2)},
+        {"blocks.0.ffn.0.scale_weight": torch.ones(4)},
+    ):
+        rest, kept = quantize.split_stored_fp8_linears({**state, **changed})
+        assert not kept.codes and rest.keys() == {**state, **changed}.keys()

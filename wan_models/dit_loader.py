@@ -24,8 +24,14 @@ from .checkpoint_io import CheckpointError, read_safetensors_metadata, read_stat
 from .config import WanDiTConfig, config_from_state_dict
 from .dit import AttentionFn, WanDiT
 from .fp8_formats import FP8_DTYPES, dequantize_comfy_fp8, has_comfy_fp8, is_fp8_auxiliary_key
-from .linear_layers import LinearFactory, fp8_linear_factory, int8_linear_factory
-from .quantize import convert_linear_weights_, quantized_linear_names, target_storage
+from .linear_layers import LinearFactory, fp8_linear_factory, int8_linear_factory, set_linear_activations
+from .quantize import (
+    StoredFp8Linears,
+    convert_linear_weights_,
+    quantized_linear_names,
+    split_stored_fp8_linears,
+    target_storage,
+)
 
 WRAPPER_SEGMENT = "_checkpoint_wrapped_module."
 # Full ComfyUI checkpoints bundle the VAE and text encoder beside the DiT under this prefix.
@@ -136,12 +142,13 @@ def load_dit(
     dtype None keeps the file's floating dtype (bf16 for fp8 files); int8 weights stay int8 and norm
     weights float32 in every case. `attention` is a backend name for `make_self_attention` or a function.
 
-    `linear_quant` sets how the linears inside the blocks are stored: "auto" as in the file (int8 for
-    `-quant` files, dense otherwise; ComfyUI fp8 files are dequantised), "none" dense (int8 weights are
+    `linear_quant` sets how the linears inside the blocks are stored: "auto" as in the file and computed
+    as the file's makers do (int8 W8A8 for `-quant` files; ComfyUI e4m3 fp8 files keep their fp8 weights
+    and dequantise them per layer, as ComfyUI does; dense otherwise), "none" dense (int8 / fp8 weights are
     dequantised), "int8" TurboDiffusion's `-quant` format (quantised from the stored weights, bit-exact to
-    the reference quantiser), "fp8" e4m3 with per-channel scales. Converting reads the file to the CPU and
-    converts one layer at a time on `quantize_device` (default `device`; pass the GPU when loading to the
-    CPU), so memory never holds two copies of the model.
+    the reference quantiser), "fp8" e4m3 W8A8 with per-channel weight scales (fp8 files keep their
+    weights). Converting reads the file to the CPU and converts one layer at a time on `quantize_device`
+    (default `device`; pass the GPU when loading to the CPU), so memory never holds two copies of the model.
     """
     path = Path(path)
     target_storage(linear_quant, "dense")  # validates the option before the file is read
@@ -188,14 +195,20 @@ def _load(
     state = read_state_dict(path, device if linear_quant == "auto" else "cpu")
     metadata = read_safetensors_metadata(path)
     fp8 = has_comfy_fp8(state, metadata)
+    kept = StoredFp8Linears({}, {})
     if fp8:
         dtype = dtype or FP8_COMPUTE_DTYPE
-        state = dequantize_comfy_fp8(state, metadata, dtype)
+        if linear_quant in ("auto", "fp8"):
+            state, kept = split_stored_fp8_linears(state)
+        state = {**dequantize_comfy_fp8(state, metadata, dtype), **kept.codes}
     layout, weights = _read_layout(state, fp8)
     del state
+    for key, scale in kept.scales.items():
+        name = key.replace(WRAPPER_SEGMENT, "")[len(layout.prefix) :]
+        weights[name + "_scale"] = scale.expand(weights[name].shape[0]).clone()
     dtype = dtype or weights["patch_embedding.weight"].dtype
     self_attention = make_self_attention(attention, sla_topk) if isinstance(attention, str) else attention
-    stored = "int8" if layout.quantized else "dense"
+    stored = "fp8" if kept.codes else "int8" if layout.quantized else "dense"
     target = target_storage(linear_quant, stored)
     with torch.device("meta"):
         model = _build(layout, self_attention, dtype, stored)
@@ -208,6 +221,8 @@ def _load(
         model = converted
     _cast_for_compute_(weights, dtype, device)
     model.load_state_dict(weights, strict=True, assign=True)
+    if stored == "fp8" and linear_quant == "auto":
+        set_linear_activations(model, "weight_only")  # what ComfyUI computes for its fp8 files
     model.source = str(path)
     return model.requires_grad_(False).eval()
 

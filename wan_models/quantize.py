@@ -14,7 +14,9 @@ every tensor outside the block linears are left alone.
 
 from __future__ import annotations
 
-from collections.abc import MutableMapping
+import re
+from collections.abc import Mapping, MutableMapping
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -24,6 +26,11 @@ from ..turbo_kernels.w8a8_reference import dequantize_tiles, quantize_tiles
 from .linear_layers import QUANTISED_LINEARS, Fp8Linear, Int8Linear
 
 LINEAR_QUANT_MODES = ("auto", "none", "int8", "fp8")
+# The weight of a linear inside a block (original / ComfyUI names, any prefix), as a stored key.
+BLOCK_LINEAR_WEIGHT = re.compile(
+    r"(?:^|\.)blocks\.\d+\.(?:(?:self_attn|cross_attn)\.[qkvo]|ffn\.[02])\.weight$"
+)
+COMFY_FP8_SCALE_SUFFIXES = (".scale_weight", ".weight_scale")
 STORAGE_KINDS = ("dense", "int8", "fp8")
 # Key suffixes each storage kind uses for a linear's weight (the bias keeps its own key in every kind).
 WEIGHT_KEYS = {
@@ -97,6 +104,41 @@ def quantize_model_linears_(model: nn.Module, target: str, work_device: torch.de
         )
         layer.load_state_dict({key: value.to(device) for key, value in state.items()}, assign=True)
         model.set_submodule(name, layer)
+
+
+@dataclass(frozen=True)
+class StoredFp8Linears:
+    """The e4m3 block-linear weights of a ComfyUI fp8 file, kept as stored: codes and per-tensor scales,
+    both keyed by the weight's key in the file."""
+
+    codes: dict[str, torch.Tensor]
+    scales: dict[str, torch.Tensor]
+
+
+def split_stored_fp8_linears(
+    state: Mapping[str, torch.Tensor],
+) -> tuple[dict[str, torch.Tensor], StoredFp8Linears]:
+    """Take the block-linear weights of a ComfyUI fp8 state dict out so that they stay fp8 (FORMATS.md §1.6).
+
+    Returns the rest of the state (to be dequantised as usual) and the kept weights. Only when every block
+    linear is float8_e4m3fn with at most a per-tensor scale; otherwise nothing is kept and the whole file is
+    dequantised, as before.
+    """
+    weights = [
+        key for key in state if BLOCK_LINEAR_WEIGHT.search(key.replace("_checkpoint_wrapped_module.", ""))
+    ]
+    kept = StoredFp8Linears({}, {})
+    for key in weights:
+        layer = key[: -len(".weight")]
+        scales = [state[layer + suffix] for suffix in COMFY_FP8_SCALE_SUFFIXES if layer + suffix in state]
+        if state[key].dtype != torch.float8_e4m3fn or any(scale.numel() != 1 for scale in scales):
+            return dict(state), StoredFp8Linears({}, {})
+        kept.codes[key] = state[key]
+        kept.scales[key] = scales[0].reshape(()).float() if scales else torch.ones((), dtype=torch.float32)
+    dropped = set(kept.codes) | {
+        key[: -len(".weight")] + s for key in kept.codes for s in COMFY_FP8_SCALE_SUFFIXES
+    }
+    return {key: value for key, value in state.items() if key not in dropped}, kept
 
 
 def _dense_weight(stored: str, *tensors: torch.Tensor) -> torch.Tensor:
