@@ -10,6 +10,9 @@ Layers are converted one at a time: each weight is moved to the work device (the
 the arithmetic is fast), converted, moved to its storage device, and the original is dropped before the
 next layer starts; peak memory is the model plus one layer, never two copies of the model. The bias and
 every tensor outside the block linears are left alone.
+
+ComfyUI's e4m3 fp8 files (FORMATS.md §1.6) can keep their block-linear weights as stored
+(`split_stored_fp8_linears`): the per-tensor scale becomes a per-channel `weight_scale` of equal values.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ BLOCK_LINEAR_WEIGHT = re.compile(
     r"(?:^|\.)blocks\.\d+\.(?:(?:self_attn|cross_attn)\.[qkvo]|ffn\.[02])\.weight$"
 )
 COMFY_FP8_SCALE_SUFFIXES = (".scale_weight", ".weight_scale")
+WRAPPER_SEGMENT = "_checkpoint_wrapped_module."
 STORAGE_KINDS = ("dense", "int8", "fp8")
 # Key suffixes each storage kind uses for a linear's weight (the bias keeps its own key in every kind).
 WEIGHT_KEYS = {
@@ -124,9 +128,7 @@ def split_stored_fp8_linears(
     linear is float8_e4m3fn with at most a per-tensor scale; otherwise nothing is kept and the whole file is
     dequantised, as before.
     """
-    weights = [
-        key for key in state if BLOCK_LINEAR_WEIGHT.search(key.replace("_checkpoint_wrapped_module.", ""))
-    ]
+    weights = [key for key in state if BLOCK_LINEAR_WEIGHT.search(key.replace(WRAPPER_SEGMENT, ""))]
     kept = StoredFp8Linears({}, {})
     for key in weights:
         layer = key[: -len(".weight")]
