@@ -131,7 +131,8 @@ class TD_WanModelLoader:
             quantize_device=load_device,
         )
         if swap_blocks:
-            enable_block_swap(model, swap_blocks)
+            # The widget's maximum fits the largest model; a smaller one swaps all of its blocks.
+            enable_block_swap(model, min(swap_blocks, model.config.num_layers))
         return (wrap_module(model, load_device, offload_device, os.path.basename(path), "dit"),)
 
 
