@@ -81,7 +81,7 @@ def linear_branch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, weight, bia
     kv = phi_k.transpose(-1, -2) @ v
     z = phi_k.sum(dim=2, keepdim=True)
     o = (phi_q @ kv) / (1e-5 + (phi_q * z).sum(dim=-1, keepdim=True))
-    o = o @ weight.double().T + bias.double()
+    o = o @ weight.detach().double().T + bias.detach().double()
     return o.transpose(1, 2)
 
 
