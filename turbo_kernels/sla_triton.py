@@ -21,7 +21,9 @@ from .sparse_attention import KernelConfig, bf16_sparse_attention, quantised_att
 
 
 def _half(x: torch.Tensor) -> torch.Tensor:
-    return x if x.dtype in (torch.bfloat16, torch.float16) else x.to(torch.bfloat16)
+    """bf16/fp16 with a contiguous head dimension, as the kernels read it."""
+    x = x if x.dtype in (torch.bfloat16, torch.float16) else x.to(torch.bfloat16)
+    return x if x.stride(-1) == 1 else x.contiguous()
 
 
 def sla_attention_triton(

@@ -23,7 +23,6 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import import_module
-from importlib.metadata import PackageNotFoundError, version
 
 import torch
 import torch.nn.functional as F
@@ -62,11 +61,12 @@ class AttentionPlan:
 
 
 def installed_triton_version() -> tuple[int, int] | None:
-    """(major, minor) of the importable Triton, None when it is missing."""
+    """(major, minor) of the importable Triton (any distribution, e.g. triton-windows), None when missing."""
     try:
-        major, minor = version("triton").split(".")[:2]
+        triton = import_module("triton")
+        major, minor = triton.__version__.split(".")[:2]
         return int(major), int(minor)
-    except (PackageNotFoundError, ValueError):
+    except (ImportError, AttributeError, ValueError):
         return None
 
 
