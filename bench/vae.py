@@ -46,10 +46,10 @@ from comfyui_turbodiffusion.wan_models.vae_plan import GIB, estimate_decode_byte
 SIZES = {"480p": (60, 104), "720p": (90, 160)}  # latent height, width
 BUDGETS_GIB = {"480p": 3.0, "720p": 6.0}
 DECODER_OUT_KEYS = ("decoder.head.2.weight", "decoder.head.2.bias")
-VARIANTS = [  # (label, decode options)
-    ("fast (defaults: k=1, cuDNN heuristics)", {}),
+VARIANTS = [  # (label, decode options); the first is what `decode` does by default
+    ("fast (defaults: k=1, cuDNN autotuned)", {}),
     ("fast k=2", {"frames_per_chunk": 2}),
-    ("fast k=1, cuDNN autotuned", {"autotune": True}),
+    ("fast k=1, full-rate 2 frames per pass", {"frames_per_pass": 2}),
 ]
 DEVICE = "cuda"
 STARTED = 0.0

@@ -375,7 +375,7 @@ class WanVAE(nn.Module):
         check_video_shape(video.shape)
         memory_format = memory_format_for(self.device)
         cache = BufferedCausalCache(memory_format)
-        with cudnn_benchmark(self.device, enabled=False):
+        with cudnn_benchmark(self.device, enabled=True):
             features = torch.cat(
                 [
                     self.encoder(
@@ -470,8 +470,8 @@ class WanVAE(nn.Module):
         measured with random weights).
         `vram_budget_gib` instead chooses the plan: the fastest whose modelled peak memory on the VAE's
         device, the VAE's weights included, fits the budget; untiled if possible (`decode_plan` tells which,
-        and it is logged). `autotune` turns cuDNN's benchmark mode on (off by default: no faster on an H200,
-        and its trials take time and memory). `callback(done, total)` is called after every pass
+        and it is logged). `autotune`: cuDNN's benchmark mode (by default on, but off for budget plans: its
+        trials take seconds and memory per new shape). `callback(done, total)` is called after every pass
         with the latent frames decoded so far, over all tiles (total = frames x tiles). The video is built on
         `output_device` (default: the VAE's device); CPU output from a CUDA decode is streamed while
         decoding.

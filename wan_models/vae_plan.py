@@ -29,6 +29,7 @@ import torch
 
 SPATIAL_FACTOR = 8
 TEMPORAL_FACTOR = 4
+RGB_CHANNELS = 3
 GIB = 2**30
 # Two cached input frames of each causal conv of the decoder, in full-resolution base-width frames: stage 3
 # (7 convs incl. the head) 14, stage 2 (6 convs, 2x channels at 1/4 of the pixels) 6, stage 1 (5.5 conv
@@ -74,9 +75,9 @@ class DecodePlan:
     tile_overlap: int
     frames_per_chunk: int = 1
     frames_per_pass: int | None = None
-    # cuDNN benchmark mode. Its trials take time (seconds per new shape) and memory, and on an H200 it found
-    # kernels no faster than cuDNN's heuristics (bench/NOTES_vae.md), so it is off unless asked for.
-    autotune: bool = False
+    # cuDNN benchmark mode: on an H200 it picked Hopper kernels that decode 15% faster than those of cuDNN's
+    # heuristics, but its trials take seconds and extra memory per new shape (bench/NOTES_vae.md).
+    autotune: bool = True
 
     @property
     def tiled(self) -> bool:
@@ -174,22 +175,23 @@ def decode_working_bytes(
     """The decoder's causal caches plus its largest live activations, for the largest tile."""
     tile_pixels = max(b - a for a, b in plan.rows) * max(b - a for a, b in plan.cols)
     frame_unit = latent_shape[0] * base_dim * tile_pixels * SPATIAL_FACTOR**2 * element_size
-    units = CACHE_UNITS + _live_units(plan.frames_per_chunk, plan.frames_per_pass)
+    units = CACHE_UNITS + _live_units(plan.frames_per_chunk, plan.frames_per_pass, base_dim)
     attention = min(ATTENTION_SCORE_BYTES, 2 * 4 * tile_pixels**2)
     return int(frame_unit * units) + attention
 
 
-def _live_units(frames_per_chunk: int, frames_per_pass: int | None) -> float:
+def _live_units(frames_per_chunk: int, frames_per_pass: int | None, base_dim: int) -> float:
     """Largest live activations beside the caches, in full-resolution base-width frames.
 
     The doubled frames kept for the full-rate passes (4 channels-x at 1/16 of the pixels per video frame:
-    `frames_per_chunk` units), plus the larger of the last upsampling (input 0.5, nearest-upsampled 2, output
-    1 per frame) and a full-resolution residual conv (input, buffer with 2 cached frames, output).
+    `frames_per_chunk` units), the decoded RGB frames of the chunk (its passes' and their concatenation),
+    plus the larger of the last upsampling (input 0.5, nearest-upsampled 2, output 1 per frame) and a
+    full-resolution residual conv (input, buffer with 2 cached frames, output).
     """
-    per_pass = TEMPORAL_FACTOR * frames_per_chunk
-    if frames_per_pass is not None:
-        per_pass = min(per_pass, frames_per_pass)
-    return frames_per_chunk + max(3.5 * per_pass, 3 * per_pass + 2)
+    video_frames = TEMPORAL_FACTOR * frames_per_chunk
+    per_pass = video_frames if frames_per_pass is None else min(video_frames, frames_per_pass)
+    rgb = 2 * video_frames * RGB_CHANNELS / base_dim
+    return frames_per_chunk + rgb + max(3.5 * per_pass, 3 * per_pass + 2)
 
 
 def plan_for_budget(
@@ -202,7 +204,8 @@ def plan_for_budget(
 ) -> DecodePlan:
     """The fastest plan whose `estimate_decode_bytes` plus `resident_bytes` (the VAE's weights) fits
     `budget_bytes`: untiled (exact) if possible with fewer frames per pass (`BUDGET_FRAME_PLANS`), else
-    the tiling with the least decoded area (overlap `BUDGET_TILE_OVERLAP`). Without cuDNN autotuning."""
+    the tiling with the least decoded area (overlap `BUDGET_TILE_OVERLAP`). Without cuDNN autotuning, whose
+    trials would take memory beyond the model."""
 
     def need(plan: DecodePlan) -> int:
         estimate = estimate_decode_bytes(plan, latent_shape, base_dim, element_size, output_on_device)
@@ -214,7 +217,9 @@ def plan_for_budget(
         tile_size = max(b - a for a, b in (*rows, *cols)) if tiled else None
         for frames_per_chunk, frames_per_pass in BUDGET_FRAME_PLANS:
             overlap = BUDGET_TILE_OVERLAP if tiled else 0
-            plan = DecodePlan(rows, cols, tile_size, overlap, frames_per_chunk, frames_per_pass)
+            plan = DecodePlan(
+                rows, cols, tile_size, overlap, frames_per_chunk, frames_per_pass, autotune=False
+            )
             if need(plan) <= budget_bytes:
                 return plan
     side = 2 * BUDGET_TILE_OVERLAP

@@ -1,0 +1,46 @@
+"""The VAE's channels-last Triton kernels (fused RMS-norm + SiLU with bias, bias + residual, nearest 2x
+upsampling) on Triton's CPU interpreter against float64 formulas (tests/vae_kernel_checks.py, run in a
+subprocess because TRITON_INTERPRET must be set before the kernels are defined).
+
+Errors are in units of one rounding of the result to its dtype (vae_kernel_checks.rounding_error): the
+kernels compute in float32 and round once. float32 results (whose own float32 arithmetic is the error) must
+be within 20 units; bf16 within 2, because the interpreter truncates when it converts float32 to bf16
+(Triton 3.9, seen 2026-11: every error points towards zero) where the GPU rounds to nearest. The upsampling
+copies, so it must be exact.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+TESTS = Path(__file__).resolve().parent
+TOLERANCES = {"torch.float32": 20.0, "torch.bfloat16": 2.0}
+
+
+@pytest.fixture(scope="module")
+def errors() -> dict[str, dict[str, float]]:
+    environment = os.environ | {"TRITON_INTERPRET": "1", "PYTHONPATH": str(TESTS)}
+    result = subprocess.run(
+        [sys.executable, str(TESTS / "vae_kernel_checks.py")],
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("dtype", list(TOLERANCES))
+def test_kernels_match_float64_formulas(errors, dtype):
+    for check, error in errors[dtype].items():
+        if check.startswith("upsample") or check.endswith(("untouched", "channels-last")):
+            assert error == 0, f"{dtype} {check}"
+        else:
+            assert error <= TOLERANCES[dtype], f"{dtype} {check}: {error}"
