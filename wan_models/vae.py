@@ -9,9 +9,12 @@ Wan 2.2 A14B models (TURBODIFFUSION.md section 7, FORMATS.md section 2).
 * `decode(latent)`: normalised latent -> video in [-1, 1], `[B, 3, 1 + 4(T-1), 8h, 8w]`, clamped to [-1, 1]
   (as the original Wan wrapper and diffusers do; TurboDiffusion clamps right after decoding).
 
-Time is processed causally in chunks, exactly as the reference: encode takes frame 0 alone, then groups of 4
-frames; decode takes one latent frame at a time. Every causal convolution carries the last `CACHE_FRAMES`
-input frames of the previous chunk (`CausalCache`). Decoding can also be tiled spatially (`DecodePlan`).
+Time is processed causally in chunks. `encode_reference` / `decode_reference` run exactly as the reference
+implementations: encode takes frame 0 alone, then groups of 4 frames; decode takes one latent frame at a time;
+every causal convolution carries the last `CACHE_FRAMES` input frames of the previous chunk (`CausalCache`).
+`encode` / `decode` compute the same function faster (`vae_fast`: several frames per pass, channels-last on
+CUDA, fused kernels); how `decode` covers the latent (frames per pass, optional spatial tiles, a VRAM budget)
+is a `DecodePlan` (`vae_plan`), and the video is assembled by `vae_output` (streamed when it goes to the CPU).
 
 Precision: everything runs in the module's dtype (bf16 in production, as TurboDiffusion does); inputs are cast
 to it, the latent mean and 1/std are made in it, and results come back as float32.
@@ -43,6 +46,7 @@ CACHE_FRAMES = 2
 # Latent frames per decoder pass. On an H200 (bench/NOTES_vae.md) 2 was 3-5% faster than 1 but peaked
 # 1.1 GiB (480p) / 2.5 GiB (720p) higher, as high as diffusers; 1 is 2.3-2.4x diffusers' speed.
 DEFAULT_FRAMES_PER_CHUNK = 1
+# Likewise for the encoder (480p I2V input: 2 was 4% faster for 0.9 GiB more).
 DEFAULT_ENCODE_FRAMES_PER_CHUNK = 1
 # Per-channel latent statistics of the Wan 2.1 VAE (identical in every reference implementation).
 LATENT_MEAN = (
@@ -375,18 +379,12 @@ class WanVAE(nn.Module):
         check_video_shape(video.shape)
         memory_format = memory_format_for(self.device)
         cache = BufferedCausalCache(memory_format)
+        features = []
         with cudnn_benchmark(self.device, enabled=True):
-            features = torch.cat(
-                [
-                    self.encoder(
-                        video[:, :, start:stop].to(self.device, self.dtype, memory_format=memory_format),
-                        cache,
-                    )  # fmt: skip
-                    for start, stop in video_chunks(video.shape[2], frames_per_chunk, TEMPORAL_FACTOR)
-                ],
-                dim=2,
-            )
-        return self._normalised_mean(features)
+            for start, stop in video_chunks(video.shape[2], frames_per_chunk, TEMPORAL_FACTOR):
+                chunk = video[:, :, start:stop].to(self.device, self.dtype, memory_format=memory_format)
+                features.append(self.encoder(chunk, cache))
+        return self._normalised_mean(torch.cat(features, dim=2))
 
     @torch.no_grad()
     def encode_reference(self, video: torch.Tensor) -> torch.Tensor:

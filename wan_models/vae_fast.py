@@ -1,22 +1,26 @@
 """Fast execution of the Wan VAE (issue 7): several frames per pass, channels-last 3-D convolutions on CUDA,
-fused RMS-norm + SiLU, and no copies for the causal padding.
+fused memory-bound steps, and no copies for the causal padding.
 
-The VAE modules call their cache for every causal convolution (`conv`, `norm_conv`, and `seen` / `history`
-/ `remember` for the resampling layers); `vae.CausalCache` does that as the reference implementation does
-(concatenate the cached frames, pad, then convolve). `BufferedCausalCache` computes the same function:
+The VAE modules run their layers through a cache object: `conv`, `norm_conv`, `add_bias_residual`,
+`upsample_frames`, and `seen` / `history` / `remember` for the resampling layers. `vae.CausalCache` does
+that as the reference implementations do (concatenate the cached frames, pad, convolve, unfused norms);
+`BufferedCausalCache` computes the same function:
 
 * each causal convolution gets one buffer of `past + t` frames: the cached frames (zeros before the first
   chunk, which is exactly the causal zero padding) followed by the chunk's input, written there directly by
-  the fused norm + SiLU kernel; the convolution pads only spatially (inside cuDNN), and the buffer's last
-  `past` frames become the next cache;
-* the layout is channels-last (`torch.channels_last_3d`) on CUDA, where cuDNN's 3-D convolutions are
-  fastest in bf16, and PyTorch's default layout elsewhere;
+  the fused norm + SiLU kernel (which also adds the previous convolution's bias); the convolution pads only
+  spatially (inside cuDNN), and the buffer's last `past` frames become the next cache;
+* a residual block's second bias and its shortcut are added by one kernel; the nearest-x2 upsampling is a
+  copy kernel (turbo_kernels/channels_last_ops.py; PyTorch's reference formulas off CUDA);
+* the layout is channels-last (`torch.channels_last_3d`) on CUDA, where cuDNN runs its Hopper implicit-GEMM
+  kernels for the bf16 3-D convolutions, and PyTorch's default layout elsewhere;
 * chunks of any number of frames give the reference's result, because every layer is causal with exact
   caches; the one special frame is the first latent frame (it decodes to a single video frame and skips the
   temporal upsampling), so `latent_chunks` always decodes it alone.
 
 Results equal the reference to float32 rounding (tests/test_vae_fast.py checks <= 1e-5 on the CPU) and, in
-bf16, to bf16 rounding (the fused kernel rounds once instead of after every step; bench/vae.py measures it).
+bf16, to bf16 rounding (the fused kernels round once instead of after every step; bench/vae.py measures
+the difference over whole videos).
 """
 
 from __future__ import annotations
