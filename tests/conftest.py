@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from comfy_server import ComfyHost, comfyui_tree_or_skip
 from PIL import Image
 
 
 @pytest.fixture(scope="session")
-def comfy_host(tmp_path_factory) -> ComfyHost:
+def comfy_host(tmp_path_factory):
+    # Imported here so that tests without a ComfyUI host (e.g. GPU tests on a bare machine) need none of
+    # the server's client packages.
+    from comfy_server import ComfyHost, comfyui_tree_or_skip
+
     host = ComfyHost(comfyui_tree_or_skip(), tmp_path_factory.mktemp("comfy_base"))
     host.start()
     yield host
