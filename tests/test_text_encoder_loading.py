@@ -109,9 +109,23 @@ def test_comfy_fp8_scaled(tmp_path, model, prompt_ids):
     assert_matches_reference(encoder, model_with_state(encoded), prompt_ids)
 
 
-def test_default_dtype_is_bfloat16(tmp_path, model, prompt_ids):
+@pytest.mark.parametrize("stored_dtype", [torch.float32, torch.float16])
+def test_default_dtype_is_the_files(tmp_path, model, stored_dtype):
+    path = write_comfy_safetensors(
+        tmp_path / "umt5.safetensors", model, stored_dtype, spiece=tokenizer_model_bytes()
+    )
+    assert load_text_encoder(path).dtype == stored_dtype
+
+
+def test_fp8_files_default_to_bfloat16(tmp_path, model):
+    path = tmp_path / "umt5_xxl_fp8_e4m3fn_scaled.safetensors"
+    write_comfy_fp8_scaled(path, model, tokenizer_model_bytes())
+    assert load_text_encoder(path).dtype == torch.bfloat16
+
+
+def test_bfloat16_matches_the_reference(tmp_path, model, prompt_ids):
     path = write_comfy_safetensors(tmp_path / "umt5.safetensors", model, spiece=tokenizer_model_bytes())
-    encoder = load_text_encoder(path)
+    encoder = load_text_encoder(path, dtype=torch.bfloat16)
     assert encoder.dtype == torch.bfloat16
     context = encoder.encode(sample_prompts())
     assert context.dtype == torch.bfloat16

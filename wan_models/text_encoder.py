@@ -131,15 +131,16 @@ def load_text_encoder(
 ) -> UMT5TextEncoder:
     """Load a umT5-XXL encoder checkpoint (any layout of the module docstring) with its tokenizer.
 
-    dtype defaults to bfloat16, TurboDiffusion's precision. `tokenizer` names a folder (or a `spiece.model` /
+    dtype defaults to the file's own floating dtype (bfloat16 for fp8 files; pass torch.bfloat16 for
+    TurboDiffusion's precision). `tokenizer` names a folder (or a `spiece.model` /
     `tokenizer.json` file) to use when the checkpoint carries no tokenizer of its own; see `resolve_tokenizer`
     for the full search order. The Hugging Face hub is only contacted when `allow_download` is true.
     """
     path = Path(path)
-    dtype = torch.bfloat16 if dtype is None else dtype
-    weights = parse_text_encoder_state(
-        read_state_dict(path), read_safetensors_metadata(path), dtype, path.name
-    )
+    state, metadata = read_state_dict(path), read_safetensors_metadata(path)
+    dtype = dtype or _stored_dtype(state, metadata)
+    weights = parse_text_encoder_state(state, metadata, dtype, path.name)
+    del state
     config = umt5_config_from_state_dict(weights.state)
     model = build_umt5_encoder(config)
     check_state_matches(model, weights.state, path.name)
@@ -156,6 +157,17 @@ def load_text_encoder(
         )
     _assign_weights(model, weights.state, device, dtype)
     return UMT5TextEncoder(model, text_tokenizer)
+
+
+def _stored_dtype(state: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> torch.dtype:
+    """The floating dtype most of the file's tensors have; fp8 files compute in bfloat16."""
+    if has_comfy_fp8(state, metadata):
+        return torch.bfloat16
+    counts: dict[torch.dtype, int] = {}
+    for tensor in state.values():
+        if tensor.is_floating_point():
+            counts[tensor.dtype] = counts.get(tensor.dtype, 0) + tensor.numel()
+    return max(counts, key=counts.get) if counts else torch.bfloat16
 
 
 def parse_text_encoder_state(
