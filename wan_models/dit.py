@@ -99,7 +99,9 @@ class SLAParameters(nn.Module):
         self.local_attn.proj_l = nn.Linear(head_dim, head_dim)
 
 
-class SelfAttention(nn.Module):
+class AttentionProjections(nn.Module):
+    """The q/k/v/o linears and the q/k RMSNorms shared by self- and cross-attention."""
+
     def __init__(self, config: WanDiTConfig, linear_factory: LinearFactory) -> None:
         super().__init__()
         dim = config.dim
@@ -110,6 +112,11 @@ class SelfAttention(nn.Module):
         self.o = linear_factory(dim, dim)
         self.norm_q = RMSNorm(dim, config.eps)
         self.norm_k = RMSNorm(dim, config.eps)
+
+
+class SelfAttention(AttentionProjections):
+    def __init__(self, config: WanDiTConfig, linear_factory: LinearFactory) -> None:
+        super().__init__(config, linear_factory)
         if config.has_sla_proj:
             self.attn_op = SLAParameters(config.head_dim)
 
@@ -126,18 +133,7 @@ class SelfAttention(nn.Module):
         return self.o(attention(q, k, v, proj_l=self.proj_l).flatten(2))
 
 
-class CrossAttention(nn.Module):
-    def __init__(self, config: WanDiTConfig, linear_factory: LinearFactory) -> None:
-        super().__init__()
-        dim = config.dim
-        self.num_heads = config.num_heads
-        self.q = linear_factory(dim, dim)
-        self.k = linear_factory(dim, dim)
-        self.v = linear_factory(dim, dim)
-        self.o = linear_factory(dim, dim)
-        self.norm_q = RMSNorm(dim, config.eps)
-        self.norm_k = RMSNorm(dim, config.eps)
-
+class CrossAttention(AttentionProjections):
     def forward(self, x: torch.Tensor, context: torch.Tensor, attention: AttentionFn) -> torch.Tensor:
         q = self.norm_q(self.q(x)).unflatten(-1, (self.num_heads, -1))
         k = self.norm_k(self.k(context)).unflatten(-1, (self.num_heads, -1))

@@ -149,34 +149,29 @@ def set_linear_activations(model: nn.Module, activations: str) -> None:
             module.activations = activations
 
 
+def _factory(layer_class: type[nn.Module], **options) -> LinearFactory:
+    def make(in_features: int, out_features: int, bias: bool = True) -> nn.Module:
+        return layer_class(in_features, out_features, bias=bias, **options)
+
+    return make
+
+
 def dense_linear_factory(
     dtype: torch.dtype | None = None, device: torch.device | str | None = None
 ) -> LinearFactory:
     """Plain `nn.Linear` layers."""
-
-    def make(in_features: int, out_features: int, bias: bool = True) -> nn.Module:
-        return nn.Linear(in_features, out_features, bias=bias, dtype=dtype, device=device)
-
-    return make
+    return _factory(nn.Linear, dtype=dtype, device=device)
 
 
 def int8_linear_factory(
     bias_dtype: torch.dtype = torch.bfloat16, device: torch.device | str | None = None
 ) -> LinearFactory:
     """`Int8Linear` layers, for TurboDiffusion `-quant` checkpoints."""
-
-    def make(in_features: int, out_features: int, bias: bool = True) -> nn.Module:
-        return Int8Linear(in_features, out_features, bias=bias, device=device, bias_dtype=bias_dtype)
-
-    return make
+    return _factory(Int8Linear, device=device, bias_dtype=bias_dtype)
 
 
 def fp8_linear_factory(
     bias_dtype: torch.dtype = torch.bfloat16, device: torch.device | str | None = None
 ) -> LinearFactory:
     """`Fp8Linear` layers (models quantised to fp8 at load time)."""
-
-    def make(in_features: int, out_features: int, bias: bool = True) -> nn.Module:
-        return Fp8Linear(in_features, out_features, bias=bias, device=device, bias_dtype=bias_dtype)
-
-    return make
+    return _factory(Fp8Linear, device=device, bias_dtype=bias_dtype)
