@@ -200,6 +200,10 @@ def _prepare_condition(
     return _batched(y, shape[0], "y")
 
 
+def _add_seconds(stats: SamplingStats, label: str, seconds: float) -> None:
+    stats.seconds_per_model[label] = stats.seconds_per_model.get(label, 0.0) + seconds
+
+
 class _Clock:
     """Wall-clock seconds with the sampling device synchronised before each reading."""
 
@@ -264,14 +268,23 @@ def rcm_sample(
     experts = ExpertSwitch(model, low_noise_model, boundary, device)
     stats.transfer_seconds += clock.lap()
     t_grid = rcm_time_grid(steps, sigma_max, device=device)
+    # One read of the grid before the loop: the loop itself never waits for the device (expert choice and
+    # timings come from these host copies; the clock synchronises only when the model changes and at the end).
+    t_host = t_grid.tolist()
     generator = torch.Generator(device=device)
     generator.manual_seed(seed)
     noise = torch.randn(shape, dtype=torch.float32, device=device, generator=generator)
     x = noise.to(torch.float64) * t_grid[0]
+    timesteps = []
+    label = None
     for i in range(steps):
         t_cur, t_next = t_grid[i], t_grid[i + 1]
-        label, net = experts.select(t_cur.item())
-        stats.transfer_seconds += clock.lap()
+        switching = low_noise_model is not None and not experts.switched and t_host[i] < boundary
+        if switching and label is not None:
+            _add_seconds(stats, label, clock.lap())
+        label, net = experts.select(t_host[i])
+        if switching:
+            stats.transfer_seconds += clock.lap()
         timestep = network_timestep(t_cur, batch)
         velocity = net(x.to(dtype), timestep, context, **extra).to(torch.float64)
         if mode == "ode":
@@ -281,8 +294,9 @@ def rcm_sample(
             fresh = torch.randn(shape, dtype=torch.float32, device=device, generator=generator)
             x = (1 - t_next) * (x - t_cur * velocity) + t_next * fresh
         stats.step_models.append(label)
-        stats.timesteps.append(float(timestep[0]))
-        stats.seconds_per_model[label] = stats.seconds_per_model.get(label, 0.0) + clock.lap()
+        timesteps.append(timestep[0])
         if callback is not None:
             callback(i + 1, steps)
+    _add_seconds(stats, label, clock.lap())
+    stats.timesteps.extend(torch.stack(timesteps).tolist())
     return x.to(torch.float32)
