@@ -2,8 +2,8 @@
 
 Module names equal the original / TurboDiffusion checkpoint keys, so such a state dict loads as it is
 (the patch embedding in TurboDiffusion's Linear form). The linears inside the blocks come from an injected
-factory (dense or int8) and the attention functions are injected too (contract in attention.py): this file
-imports no kernel.
+factory (dense or int8), the attention functions (contract in attention.py) and the norm / RoPE / residual
+steps (`BlockOps`, contract in block_ops.py) are injected too: this file imports no kernel.
 
 Precision, with the compute dtype being the dtype of `patch_embedding.weight` (bf16 for released files):
 time embedding, modulation arithmetic and the output head in float32; LayerNorm and q/k RMSNorm in float32,
@@ -16,16 +16,29 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .block_ops import TORCH_BLOCK_OPS, BlockOps, layer_norm, rms_norm_rope
 from .config import WanDiTConfig
 from .linear_layers import LinearFactory
-from .rope import RopeTable, apply_rope
+from .rope import RopeTable
 
 AttentionFn = Callable[..., torch.Tensor]
+
+
+class ForwardRunner(Protocol):
+    """Runs `WanDiT.compute` in place of plain eager execution (forward_modes: CUDA graphs, torch.compile)."""
+
+    def __call__(
+        self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, y: torch.Tensor | None
+    ) -> torch.Tensor: ...
+
+    def reset(self) -> None:
+        """Forget what is tied to where the weights are now (they are about to move or change dtype)."""
 
 
 @dataclass(frozen=True)
@@ -51,18 +64,6 @@ def linear_fp32(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     return F.linear(x.float(), layer.weight.float(), bias)
 
 
-def layer_norm(x: torch.Tensor, eps: float, weight: torch.Tensor | None = None, bias=None) -> torch.Tensor:
-    """LayerNorm over the last dim computed in float32, rounded to x's dtype."""
-    weight = None if weight is None else weight.float()
-    bias = None if bias is None else bias.float()
-    return F.layer_norm(x.float(), x.shape[-1:], weight, bias, eps).to(x.dtype)
-
-
-def modulate(normed: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """normed * (1 + scale) + shift in float32, rounded to normed's dtype."""
-    return (normed.float() * (1 + scale) + shift).to(normed.dtype)
-
-
 class RMSNorm(nn.Module):
     """RMSNorm over the full hidden size; the weight multiply happens in float32 before the cast."""
 
@@ -72,9 +73,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
-        normed = x32 * torch.rsqrt(x32.pow(2).mean(dim=-1, keepdim=True) + self.eps)
-        return (normed * self.weight.float()).to(x.dtype)
+        return rms_norm_rope(x, self.weight, self.eps)
 
 
 class AffineLayerNorm(nn.Module):
@@ -125,19 +124,23 @@ class SelfAttention(AttentionProjections):
         return self.attn_op.local_attn.proj_l if hasattr(self, "attn_op") else None
 
     def forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attention: AttentionFn
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attention: AttentionFn, ops: BlockOps
     ) -> torch.Tensor:
-        q = apply_rope(self.norm_q(self.q(x)).unflatten(-1, (self.num_heads, -1)), cos, sin)
-        k = apply_rope(self.norm_k(self.k(x)).unflatten(-1, (self.num_heads, -1)), cos, sin)
-        v = self.v(x).unflatten(-1, (self.num_heads, -1))
+        q = ops.rms_norm_rope(self.q(x), self.norm_q.weight, self.norm_q.eps, cos, sin)
+        k = ops.rms_norm_rope(self.k(x), self.norm_k.weight, self.norm_k.eps, cos, sin)
+        v = self.v(x)
+        q, k, v = (h.unflatten(-1, (self.num_heads, -1)) for h in (q, k, v))
         return self.o(attention(q, k, v, proj_l=self.proj_l).flatten(2))
 
 
 class CrossAttention(AttentionProjections):
-    def forward(self, x: torch.Tensor, context: torch.Tensor, attention: AttentionFn) -> torch.Tensor:
-        q = self.norm_q(self.q(x)).unflatten(-1, (self.num_heads, -1))
-        k = self.norm_k(self.k(context)).unflatten(-1, (self.num_heads, -1))
-        v = self.v(context).unflatten(-1, (self.num_heads, -1))
+    def forward(
+        self, x: torch.Tensor, context: torch.Tensor, attention: AttentionFn, ops: BlockOps
+    ) -> torch.Tensor:
+        q = ops.rms_norm_rope(self.q(x), self.norm_q.weight, self.norm_q.eps)
+        k = ops.rms_norm_rope(self.k(context), self.norm_k.weight, self.norm_k.eps)
+        v = self.v(context)
+        q, k, v = (h.unflatten(-1, (self.num_heads, -1)) for h in (q, k, v))
         return self.o(attention(q, k, v).flatten(2))
 
 
@@ -163,14 +166,18 @@ class WanBlock(nn.Module):
         cos: torch.Tensor,
         sin: torch.Tensor,
         attention: AttentionFunctions,
+        ops: BlockOps,
     ) -> torch.Tensor:
         modulation = (self.modulation.float() + e0).chunk(6, dim=1)
         shift_sa, scale_sa, gate_sa, shift_ff, scale_ff, gate_ff = modulation
-        attention_input = modulate(layer_norm(x, self.eps), shift_sa, scale_sa)
-        x = x + self.self_attn(attention_input, cos, sin, attention.self_attention) * gate_sa.to(x.dtype)
-        x = x + self.cross_attn(self.norm3(x), context, attention.cross_attention)
-        ffn_input = modulate(layer_norm(x, self.eps), shift_ff, scale_ff)
-        return x + self.ffn(ffn_input) * gate_ff.to(x.dtype)
+        attention_input = ops.modulated_norm(x, shift_sa, scale_sa, self.eps)
+        attended = self.self_attn(attention_input, cos, sin, attention.self_attention, ops)
+        x, cross_input = ops.add_and_norm(
+            x, attended, gate_sa, self.norm3.eps, weight=self.norm3.weight, bias=self.norm3.bias
+        )
+        attended = self.cross_attn(cross_input, context, attention.cross_attention, ops)
+        x, ffn_input = ops.add_and_norm(x, attended, None, self.eps, shift=shift_ff, scale=scale_ff)
+        return ops.gated_add(x, self.ffn(ffn_input), gate_ff)
 
 
 class Head(nn.Module):
@@ -201,10 +208,13 @@ class WanDiT(nn.Module):
         self_attention: AttentionFn,
         cross_attention: AttentionFn,
         linear_factory: LinearFactory = nn.Linear,
+        block_ops: BlockOps = TORCH_BLOCK_OPS,
     ) -> None:
         super().__init__()
         self.config = config
         self.attention = AttentionFunctions(self_attention, cross_attention)
+        self.block_ops = block_ops
+        self.forward_runner: ForwardRunner | None = None
         self.rope = RopeTable(config.head_dim)
         self.source: str | None = None  # the checkpoint the weights came from, for error messages
         dim = config.dim
@@ -230,10 +240,22 @@ class WanDiT(nn.Module):
         """Swap the self-attention core (e.g. per sampling run); cross-attention stays as it is."""
         self.attention = dataclasses.replace(self.attention, self_attention=fn)
 
+    def set_block_ops(self, ops: BlockOps) -> None:
+        """Swap the norm / RoPE / residual implementation (e.g. PyTorch ops for torch.compile to fuse)."""
+        self.block_ops = ops
+
     def forward(
         self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, y: torch.Tensor | None = None
     ) -> torch.Tensor:
         self._check_inputs(x, t, context, y)
+        if self.forward_runner is not None:
+            return self.forward_runner(x, t, context, y)
+        return self.compute(x, t, context, y)
+
+    def compute(
+        self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, y: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The forward pass itself, eagerly, on inputs `forward` has checked."""
         dtype = self.compute_dtype
         x = x.to(dtype) if y is None else torch.cat([x.to(dtype), y.to(dtype)], dim=1)
         grid = tuple(size // patch for size, patch in zip(x.shape[2:], self.config.patch_size))
@@ -246,8 +268,14 @@ class WanDiT(nn.Module):
         cos, sin = self.rope(grid, x.device)
 
         for block in self.blocks:
-            tokens = block(tokens, e0, text, cos, sin, self.attention)
+            tokens = block(tokens, e0, text, cos, sin, self.attention, self.block_ops)
         return unpatchify(self.head(tokens, e), grid, self.config.patch_size, self.config.out_dim)
+
+    def _apply(self, fn, recurse=True):
+        # Moving or casting the weights invalidates what a runner captured (CUDA graphs hold pointers).
+        if self.forward_runner is not None:
+            self.forward_runner.reset()
+        return super()._apply(fn, recurse)
 
     def _check_inputs(
         self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, y: torch.Tensor | None
