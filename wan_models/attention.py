@@ -150,6 +150,9 @@ class SparseLinearSelfAttention:
             return kernels.sla_attention_triton(q, k, v, proj_l, self.sla_topk)
         return kernels.sagesla_attention_triton(q, k, v, proj_l, self.sla_topk, plan.recipe)
 
+    # Compiled models call this as an opaque function: its plan cache, fallbacks and kernel launches are
+    # plain Python that torch.compile need not trace.
+    @torch.compiler.disable
     def __call__(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, proj_l: torch.nn.Module | None = None
     ) -> torch.Tensor:

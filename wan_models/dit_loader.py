@@ -20,9 +20,11 @@ import torch
 from torch import nn
 
 from .attention import make_self_attention, sdpa_attention
+from .block_ops import make_block_ops
 from .checkpoint_io import CheckpointError, read_safetensors_metadata, read_state_dict
 from .config import WanDiTConfig, config_from_state_dict
 from .dit import AttentionFn, WanDiT
+from .forward_modes import FORWARD_MODES, set_forward_mode
 from .fp8_formats import FP8_DTYPES, dequantize_comfy_fp8, has_comfy_fp8, is_fp8_auxiliary_key
 from .linear_layers import LinearFactory, fp8_linear_factory, int8_linear_factory, set_linear_activations
 from .quantize import (
@@ -136,6 +138,7 @@ def load_dit(
     sla_topk: float = 0.1,
     linear_quant: str = "auto",
     quantize_device: str | torch.device | None = None,
+    forward_mode: str = "none",
 ) -> WanDiT:
     """A WanDiT with the weights of a file or folder, ready for inference.
 
@@ -149,11 +152,18 @@ def load_dit(
     the reference quantiser), "fp8" e4m3 W8A8 with per-channel weight scales (fp8 files keep their
     weights). Converting reads the file to the CPU and converts one layer at a time on `quantize_device`
     (default `device`; pass the GPU when loading to the CPU), so memory never holds two copies of the model.
+
+    The norms, RoPE and residuals of the blocks run as fused Triton kernels on CUDA GPUs that can build them
+    (`block_ops.make_block_ops("auto")`). `forward_mode` ("none", "cudagraphs", "default", "max-autotune";
+    see `forward_modes`) replays the forward from CUDA graphs or compiles the blocks with torch.compile;
+    `set_forward_mode` changes it later.
     """
     path = Path(path)
     target_storage(linear_quant, "dense")  # validates the option before the file is read
+    if forward_mode not in FORWARD_MODES:
+        raise ValueError(f"unknown forward_mode {forward_mode!r}; choose one of {', '.join(FORWARD_MODES)}")
     try:
-        return _load(
+        model = _load(
             path,
             torch.device(device),
             dtype,
@@ -164,6 +174,8 @@ def load_dit(
         )
     except CheckpointError as error:
         raise CheckpointError(f"{path.name}: {error}") from None
+    set_forward_mode(model, forward_mode)
+    return model
 
 
 def require_kind(model: WanDiT, kind: str) -> None:
@@ -238,6 +250,7 @@ def _build(layout: DiTLayout, self_attention: AttentionFn, dtype: torch.dtype, s
         self_attention=self_attention,
         cross_attention=sdpa_attention,
         linear_factory=factories[storage],
+        block_ops=make_block_ops("auto"),
     )
 
 

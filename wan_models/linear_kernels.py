@@ -72,6 +72,7 @@ def plan_fp8(device: torch.device, capability: tuple[int, int] | None) -> Linear
     return LinearPlan("scaled_mm", "fp8 linears: torch._scaled_mm with row-wise scales")
 
 
+@torch.compiler.disable  # opaque to torch.compile (path choice and self-check are plain Python)
 def int8_linear(
     x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None
 ) -> torch.Tensor:
@@ -83,6 +84,7 @@ def int8_linear(
     return w8a8_linear(x, codes, scale, bias)
 
 
+@torch.compiler.disable  # opaque to torch.compile (path choice and self-check are plain Python)
 def fp8_w8a8_linear(
     x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None
 ) -> torch.Tensor:
