@@ -30,7 +30,9 @@ Layouts: x, residual, y contiguous [B, L, C] (or [M, C] with B = 1); outputs con
 (bf16, fp16 or fp32). One program per row, the row padded to a power of two in registers (C ≤ 16384).
 GPUs: any CUDA GPU Triton supports (plain loads/stores and reductions, no tensor cores, no descriptors).
 Tested on the CPU interpreter (tests/test_fused_norms_interpret.py) against formulas written from the spec,
-with ragged widths, batch 2, fp16/fp32/bf16; on the GPU by bench/e2e.py (whole-model equality).
+with ragged widths, batch 2, fp16/fp32/bf16; compiled for sm80 and sm90 without a GPU (Triton 3.9, 2026:
+widths 1536 and 5120 take 34-144 registers, no spills, vector loads, no FMA: test_fused_norms_compile.py);
+on the GPU by bench/e2e.py (whole-model equality, timing). Not yet timed on a GPU.
 Note (Triton 3.9 interpreter, seen 2026): its float32 -> bf16 cast truncates; under TRITON_INTERPRET=1 the
 kernels round onto the bf16 grid with integer operations first (`SOFTWARE_BF16`), which the cast then keeps.
 """
@@ -133,24 +135,22 @@ def _rms_norm_rope_kernel(
     pairs = tl.arange(0, BLOCK_PAIRS)
     mask = pairs < width // 2
     dtype = out_ptr.dtype.element_ty
-    even_at = row * width + 2 * pairs
-    even = tl.load(x_ptr + even_at, mask=mask, other=0.0).to(tl.float32)
-    odd = tl.load(x_ptr + even_at + 1, mask=mask, other=0.0).to(tl.float32)
-    mean_square = (tl.sum(even * even, axis=0) + tl.sum(odd * odd, axis=0)) / width
+    # The row as [pairs, 2]: contiguous (vector) loads, then split into even and odd channels.
+    at = 2 * pairs[:, None] + tl.arange(0, 2)[None, :]
+    x = tl.load(x_ptr + row * width + at, mask=mask[:, None], other=0.0).to(tl.float32)
+    mean_square = tl.sum(tl.sum(x * x, axis=1), axis=0) / width
     rstd = tl.math.rsqrt(mean_square + eps)
-    weight_even = tl.load(weight_ptr + 2 * pairs, mask=mask, other=0.0).to(tl.float32)
-    weight_odd = tl.load(weight_ptr + 2 * pairs + 1, mask=mask, other=0.0).to(tl.float32)
-    even = _round(even * rstd * weight_even, dtype, SOFTWARE_BF16)
-    odd = _round(odd * rstd * weight_odd, dtype, SOFTWARE_BF16)
+    weight = tl.load(weight_ptr + at, mask=mask[:, None], other=0.0).to(tl.float32)
+    normed = _round(x * rstd * weight, dtype, SOFTWARE_BF16)
     if ROPE:
         angle_at = (row % tokens) * half_head + pairs % half_head
         cos = tl.load(cos_ptr + angle_at, mask=mask, other=0.0)
         sin = tl.load(sin_ptr + angle_at, mask=mask, other=0.0)
-        e, o = even.to(tl.float32), odd.to(tl.float32)
-        even = _round(e * cos - o * sin, dtype, SOFTWARE_BF16)
-        odd = _round(e * sin + o * cos, dtype, SOFTWARE_BF16)
-    tl.store(out_ptr + even_at, even, mask=mask)
-    tl.store(out_ptr + even_at + 1, odd, mask=mask)
+        even, odd = tl.split(normed.to(tl.float32))
+        rotated_even = _round(even * cos - odd * sin, dtype, SOFTWARE_BF16)
+        rotated_odd = _round(even * sin + odd * cos, dtype, SOFTWARE_BF16)
+        normed = tl.join(rotated_even, rotated_odd)
+    tl.store(out_ptr + row * width + at, normed, mask=mask[:, None])
 
 
 @triton.jit

@@ -1,0 +1,103 @@
+"""Compiles the fused norm kernels for GPU targets on a machine without a GPU and prints, as JSON, what
+tests/test_fused_norms_compile.py checks (child process, as tests/quant_compile_check.py)."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import tempfile
+from pathlib import Path
+
+import triton
+from comfyui_turbodiffusion.turbo_kernels import fused_norms
+from triton.backends.compiler import GPUTarget
+from triton.backends.nvidia.compiler import get_ptxas
+from triton.compiler import ASTSource
+
+TARGETS = {80: "sm_80", 90: "sm_90a"}
+# Row widths of the 1.3B (1536) and 14B (5120) models: padded blocks and warps as the wrappers launch them.
+WIDTHS = {1536: (2048, 4), 5120: (8192, 8)}
+LAYER_NORM = {
+    **dict.fromkeys(("x_ptr", "residual_ptr"), "*bf16"),
+    **dict.fromkeys(("gate_ptr", "weight_ptr", "bias_ptr", "shift_ptr", "scale_ptr"), "*fp32"),
+    **dict.fromkeys(("x_out_ptr", "out_ptr"), "*bf16"),
+    **dict.fromkeys(("tokens", "width", "vector_batch_stride"), "i32"),
+    "eps": "fp32",
+    **dict.fromkeys(("BLOCK", "RESIDUAL", "GATED", "AFFINE", "MODULATE", "SOFTWARE_BF16"), "constexpr"),
+}
+RMS_ROPE = {
+    "x_ptr": "*bf16",
+    **dict.fromkeys(("weight_ptr", "cos_ptr", "sin_ptr"), "*fp32"),
+    "out_ptr": "*bf16",
+    **dict.fromkeys(("tokens", "width", "half_head"), "i32"),
+    "eps": "fp32",
+    **dict.fromkeys(("BLOCK_PAIRS", "ROPE", "SOFTWARE_BF16"), "constexpr"),
+}
+GATED_ADD = {
+    **dict.fromkeys(("x_ptr", "y_ptr"), "*bf16"),
+    "gate_ptr": "*fp32",
+    "out_ptr": "*bf16",
+    **dict.fromkeys(("tokens", "width", "gate_batch_stride"), "i32"),
+    **dict.fromkeys(("BLOCK", "SOFTWARE_BF16"), "constexpr"),
+}
+# The launcher specialises pointers and integers divisible by 16 (every Wan width and batch stride).
+ALIGNED = ("_ptr", "width", "vector_batch_stride", "gate_batch_stride")
+
+
+def compile_report(kernel, signature: dict, constexprs: dict, warps: int, capability: int) -> dict:
+    aligned = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(signature) if name.endswith(ALIGNED)}
+    source = ASTSource(kernel, signature, {**constexprs, "SOFTWARE_BF16": False}, aligned)
+    options = {"num_warps": warps, "enable_fp_fusion": False}
+    compiled = triton.compile(source, target=GPUTarget("cuda", capability, 32), options=options)
+    ptx = compiled.asm["ptx"]
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "kernel.ptx"
+        path.write_text(ptx)
+        ptxas = [get_ptxas(capability).path, "-v", f"-arch={TARGETS[capability]}", str(path)]
+        report = subprocess.run(ptxas, capture_output=True, text=True, cwd=folder).stderr
+    spills = re.search(r"(\d+) bytes spill stores", report)
+    registers = re.search(r"Used (\d+) registers", report)
+    return {
+        "fma": "fma.rn.f32" in ptx,
+        "vector_loads": bool(re.search(r"ld\.global(\.\w+)*\.v[24]", ptx)),
+        "spill_bytes": int(spills.group(1)) if spills else None,
+        "registers": int(registers.group(1)) if registers else None,
+    }
+
+
+def main() -> None:
+    variants = {
+        "modulated_norm": (fused_norms._layer_norm_kernel, LAYER_NORM, dict(MODULATE=True)),
+        "gated_add_affine_norm": (
+            fused_norms._layer_norm_kernel,
+            LAYER_NORM,
+            dict(RESIDUAL=True, GATED=True, AFFINE=True),
+        ),
+        "add_modulated_norm": (
+            fused_norms._layer_norm_kernel,
+            LAYER_NORM,
+            dict(RESIDUAL=True, MODULATE=True),
+        ),
+        "rms_norm_rope": (fused_norms._rms_norm_rope_kernel, RMS_ROPE, dict(ROPE=True)),
+        "rms_norm": (fused_norms._rms_norm_rope_kernel, RMS_ROPE, dict(ROPE=False)),
+        "gated_add": (fused_norms._gated_add_kernel, GATED_ADD, {}),
+    }
+    defaults = dict(RESIDUAL=False, GATED=False, AFFINE=False, MODULATE=False)
+    results = {}
+    for name, (kernel, signature, flags) in variants.items():
+        for width, (block, warps) in WIDTHS.items():
+            for capability in TARGETS:
+                if kernel is fused_norms._layer_norm_kernel:
+                    constexprs = {**defaults, **flags, "BLOCK": block}
+                elif kernel is fused_norms._rms_norm_rope_kernel:
+                    constexprs = {**flags, "BLOCK_PAIRS": block // 2}
+                else:
+                    constexprs = {"BLOCK": block}
+                key = f"{name}/{width}/sm{capability}"
+                results[key] = compile_report(kernel, signature, constexprs, warps, capability)
+    print(json.dumps(results))
+
+
+if __name__ == "__main__":
+    main()
