@@ -1,7 +1,7 @@
 """Encoding IMAGE frames to a video file, atomically, with ComfyUI's workflow metadata.
 
-Formats: mp4 (H.264, yuv420p) and webm (VP9, yuv420p) through PyAV with a constant-rate-factor; animated gif
-and webp through Pillow. Metadata (the API prompt and the canvas workflow) is stored the way ComfyUI's own
+Formats: mp4 (H.264, yuv420p) and webm (VP9, yuv420p) through PyAV with a constant-rate-factor
+(`wan_models.video_file.VideoFileWriter`); animated gif and webp through Pillow. Metadata (the API prompt and the canvas workflow) is stored the way ComfyUI's own
 savers do, so dropping the file on the canvas reopens its workflow: container tags for mp4/webm (core
 SaveVideo / SaveWEBM), EXIF tags for webp (core SaveAnimatedWEBP), the comment block for gif.
 
@@ -14,17 +14,16 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Callable
-from fractions import Fraction
 from pathlib import Path
 
-import av
 import numpy as np
 import torch
 from PIL import Image
 
+from ..wan_models.video_file import PYAV_CODECS, VideoFileWriter
+
 VIDEO_FORMATS = ("mp4", "webm", "gif", "webp")
 MAX_CRF = {"mp4": 51, "webm": 63, "gif": 63, "webp": 63}
-_PYAV_CODECS = {"mp4": "libx264", "webm": "libvpx-vp9"}
 # EXIF tags core SaveAnimatedWEBP uses: Model (0x0110) holds the prompt, Make (0x010F) and below the
 # extra_pnginfo entries such as the workflow.
 _EXIF_PROMPT_TAG = 0x0110
@@ -56,12 +55,11 @@ def write_video(
     if not 0 <= crf <= MAX_CRF[video_format]:
         raise ValueError(f"crf {crf} is out of range for {video_format}; use 0..{MAX_CRF[video_format]}")
     metadata = metadata or {}
+    if video_format in PYAV_CODECS:
+        return _write_with_pyav(frames, path, fps, video_format, crf, metadata, on_frame)
     temporary = path.with_name(f".{path.name}.partial")
     try:
-        if video_format in _PYAV_CODECS:
-            _write_with_pyav(frames, temporary, fps, video_format, crf, metadata, on_frame)
-        else:
-            _write_with_pillow(frames, temporary, fps, video_format, crf, metadata, on_frame)
+        _write_with_pillow(frames, temporary, fps, video_format, crf, metadata, on_frame)
         os.replace(temporary, path)
     except BaseException:
         temporary.unlink(missing_ok=True)
@@ -69,26 +67,17 @@ def write_video(
     return path
 
 
-def _write_with_pyav(frames, path, fps, video_format, crf, metadata, on_frame) -> None:
-    # yuv420p subsamples chroma 2x2, so both sides must be even; drop a trailing row/column if needed.
-    height, width = frames.shape[1] // 2 * 2, frames.shape[2] // 2 * 2
-    if height == 0 or width == 0:
-        raise ValueError(f"frames of {frames.shape[2]}x{frames.shape[1]} are too small for {video_format}")
-    options = {"movflags": "use_metadata_tags"} if video_format == "mp4" else {}
-    with av.open(str(path), mode="w", format=video_format, options=options) as container:
-        for key, value in metadata.items():
-            container.metadata[key] = json.dumps(value)
-        stream = container.add_stream(_PYAV_CODECS[video_format], rate=Fraction(round(fps * 1000), 1000))
-        stream.width, stream.height = width, height
-        stream.pix_fmt = "yuv420p"
-        stream.bit_rate = 0
-        stream.options = {"crf": str(crf)}
-        for index, frame in enumerate(frames):
-            picture = av.VideoFrame.from_ndarray(np.ascontiguousarray(frame[:height, :width]), format="rgb24")
-            container.mux(stream.encode(picture))
+def _write_with_pyav(frames, path, fps, video_format, crf, metadata, on_frame) -> Path:
+    writer = VideoFileWriter(path, fps, video_format, crf, metadata)
+    try:
+        for index in range(len(frames)):
+            writer.write(frames[index : index + 1])
             if on_frame is not None:
                 on_frame(index + 1, len(frames))
-        container.mux(stream.encode(None))
+        return writer.close()
+    except BaseException:
+        writer.abort()
+        raise
 
 
 def _write_with_pillow(frames, path, fps, video_format, crf, metadata, on_frame) -> None:

@@ -2,7 +2,8 @@
 
 Each function takes already loaded models (`load_dit`, `load_vae`, `load_text_encoder`), runs the
 reference procedure (TURBODIFFUSION.md Appendix A) and returns the frames with the wall-clock time of
-every stage, VAE decoding included.
+every stage, VAE decoding included. With `output_path` the video file is encoded while the VAE decodes
+(`video_file.BackgroundVideoWriter`), so only the encoding of the last frames adds to the job.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -25,6 +27,7 @@ from .sampler import (
     check_sampler_options,
     rcm_sample,
 )
+from .video_file import BACKGROUND_PRESET, PYAV_CODECS, BackgroundVideoWriter, VideoFileWriter
 
 SIGMA_MAX_T2V = 80.0
 SIGMA_MAX_I2V = 200.0
@@ -34,15 +37,17 @@ SIGMA_MAX_I2V = 200.0
 class GenerationResult:
     """What a generation produced and how long each stage took.
 
-    `frames`: [F, H, W, 3] float32 in [0, 1] on the CPU (several samples side by side along W).
-    `latent`: the sampler's final latent. `timings`: seconds per stage, each measured with the devices
-    synchronised: text_encoding, vae_encoding (I2V), sampling (one model) or sampling_high_noise /
-    sampling_low_noise (expert pair), model_transfer (moves to the sampling device and expert swaps),
-    vae_decoding, and total. Stages that did not run (e.g. text encoding with a precomputed context) are
-    absent. `steps_per_model`: how many sampler steps each model ran.
+    `frames`: [F, H, W, 3] float32 in [0, 1] on the CPU (several samples side by side along W), None when
+    not asked for. `latent`: the sampler's final latent. `timings`: seconds per stage, each measured with
+    the devices synchronised: text_encoding, vae_encoding (I2V), sampling (one model) or
+    sampling_high_noise / sampling_low_noise (expert pair), model_transfer (moves to the sampling device
+    and expert swaps), vae_decoding, video_encoding (with a video file: the encoding left once decoding
+    ended; the rest overlapped it), and total. Stages that did not run (e.g. text encoding with a
+    precomputed context) are absent. `steps_per_model`: how many sampler steps each model ran.
+    `video_path`: the video file written, if any.
     """
 
-    frames: torch.Tensor
+    frames: torch.Tensor | None
     latent: torch.Tensor
     timings: dict[str, float]
     width: int
@@ -51,6 +56,7 @@ class GenerationResult:
     seed: int
     steps_per_model: dict[str, int] = field(default_factory=dict)
     fps: int = FPS
+    video_path: Path | None = None
 
 
 class _StageClock:
@@ -150,7 +156,8 @@ def _sample_and_decode(
     device: torch.device,
     callback: StepCallback | None,
     sampler_options: dict,
-) -> tuple[torch.Tensor, torch.Tensor, SamplingStats]:
+    video_file: VideoFileWriter | None,
+) -> tuple[torch.Tensor, torch.Tensor, SamplingStats, Path | None]:
     stats = SamplingStats()
     with _self_attention_override(models, attention, sla_topk), _restore_placement(models):
         latent = rcm_sample(
@@ -165,9 +172,20 @@ def _sample_and_decode(
         )
     clock.seconds.update({_sampling_stage(label): s for label, s in stats.seconds_per_model.items()})
     clock.seconds["model_transfer"] = stats.transfer_seconds
-    with clock.stage("vae_decoding"):
-        video = vae.decode(latent.to(module_device(vae)))
-    return latent, video, stats
+    if video_file is None:
+        with clock.stage("vae_decoding"):
+            video = vae.decode(latent.to(module_device(vae)))
+        return latent, video, stats, None
+    encoder = BackgroundVideoWriter(video_file)
+    try:
+        with clock.stage("vae_decoding"):
+            video = vae.decode(latent.to(module_device(vae)), on_chunk=encoder.add)
+    except BaseException:
+        encoder.abort()
+        raise
+    with clock.stage("video_encoding"):
+        path = encoder.finish()
+    return latent, video, stats, path
 
 
 def _sampling_stage(label: str) -> str:
@@ -180,16 +198,29 @@ def video_to_frames(video: torch.Tensor) -> torch.Tensor:
     return unit.permute(2, 3, 0, 4, 1).flatten(2, 3)
 
 
+def _video_file(output_path: str | Path | None, fps: float, crf: int) -> VideoFileWriter | None:
+    """The writer for `output_path` (mp4 or webm by its suffix), checked before any work starts."""
+    if output_path is None:
+        return None
+    path = Path(output_path)
+    video_format = path.suffix.lower().lstrip(".")
+    if video_format not in PYAV_CODECS:
+        raise ValueError(f"output_path {path.name!r} must end in .mp4 or .webm")
+    if not path.parent.is_dir():
+        raise ValueError(f"the folder of output_path does not exist: {path.parent}")
+    return VideoFileWriter(path, fps, video_format, crf, preset=BACKGROUND_PRESET)
+
+
 def _result(
     clock: _StageClock,
-    latent: torch.Tensor,
-    video: torch.Tensor,
-    stats: SamplingStats,
+    decoded: tuple[torch.Tensor, torch.Tensor, SamplingStats, Path | None],
     size: tuple[int, int],
     num_frames: int,
     seed: int,
+    return_frames: bool,
 ) -> GenerationResult:
-    frames = video_to_frames(video)
+    latent, video, stats, video_path = decoded
+    frames = video_to_frames(video) if return_frames else None
     return GenerationResult(
         frames=frames,
         latent=latent,
@@ -199,6 +230,7 @@ def _result(
         num_frames=num_frames,
         seed=seed,
         steps_per_model=stats.steps_per_model,
+        video_path=video_path,
     )
 
 
@@ -223,6 +255,9 @@ def generate_t2v(
     num_samples: int = 1,
     device: torch.device | str | None = None,
     callback: StepCallback | None = None,
+    output_path: str | Path | None = None,
+    crf: int = 19,
+    return_frames: bool = True,
 ) -> GenerationResult:
     """Text-to-video with a Wan2.1 TurboDiffusion DiT (wan2.1_t2v_infer.py).
 
@@ -230,16 +265,19 @@ def generate_t2v(
     `resolution` x `aspect_ratio` (TurboDiffusion's presets) unless `width` and `height` are given.
     `attention` ("sdpa", "sla", "sagesla") overrides the DiT's self-attention for this run only.
     `device` (default: the DiT's) is where sampling runs; the DiT returns to its own device afterwards.
-    `callback(step, total)` runs after every sampler step.
+    `callback(step, total)` runs after every sampler step. `output_path` (.mp4 or .webm) is written at 16 fps
+    with constant-rate-factor `crf` while the VAE decodes (x264 preset "veryfast"); `return_frames=False`
+    skips building `frames` on the CPU.
     """
     validate_num_frames(num_frames)
     check_sampler_options(steps, sigma_max, mode)
+    video_file = _video_file(output_path, FPS, crf)
     size = _resolve_size(resolution, aspect_ratio, width, height)
     _require_in_dim(dit, T2V_IN_DIM, "DiT", "a Wan2.2 I2V expert runs with generate_i2v")
     device = torch.device(device) if device is not None else module_device(dit)
     clock = _StageClock(device, [dit, vae, text_encoder])
     context = _text_context(clock, text_encoder, prompt, context)
-    latent, video, stats = _sample_and_decode(
+    decoded = _sample_and_decode(
         clock,
         [dit],
         vae,
@@ -250,8 +288,9 @@ def generate_t2v(
         device=device,
         callback=callback,
         sampler_options=dict(seed=seed, steps=steps, sigma_max=sigma_max, mode=mode),
+        video_file=video_file,
     )
-    return _result(clock, latent, video, stats, size, num_frames, seed)
+    return _result(clock, decoded, size, num_frames, seed, return_frames)
 
 
 def generate_i2v(
@@ -279,6 +318,9 @@ def generate_i2v(
     num_samples: int = 1,
     device: torch.device | str | None = None,
     callback: StepCallback | None = None,
+    output_path: str | Path | None = None,
+    crf: int = 19,
+    return_frames: bool = True,
 ) -> GenerationResult:
     """Image-to-video with the two Wan2.2 A14B TurboDiffusion experts (wan2.2_i2v_infer.py).
 
@@ -292,6 +334,7 @@ def generate_i2v(
     """
     validate_num_frames(num_frames)
     check_sampler_options(steps, sigma_max, mode, boundary)
+    video_file = _video_file(output_path, FPS, crf)
     if adaptive_resolution:
         if width is not None or height is not None:
             raise ValueError("adaptive_resolution derives width and height from the image; do not pass them")
@@ -308,7 +351,7 @@ def generate_i2v(
     context = _text_context(clock, text_encoder, prompt, context)
     with clock.stage("vae_encoding"):
         y = build_i2v_condition(vae, preprocess_image(image, *size), num_frames)
-    latent, video, stats = _sample_and_decode(
+    decoded = _sample_and_decode(
         clock,
         experts,
         vae,
@@ -319,5 +362,6 @@ def generate_i2v(
         device=device,
         callback=callback,
         sampler_options=dict(seed=seed, steps=steps, sigma_max=sigma_max, mode=mode, y=y, boundary=boundary),
+        video_file=video_file,
     )
-    return _result(clock, latent, video, stats, size, num_frames, seed)
+    return _result(clock, decoded, size, num_frames, seed, return_frames)

@@ -63,6 +63,7 @@ ATTENTION_SCORES_PER_CALL = 2**25  # query x key pairs per attention call (128 M
 TEMPORAL_DOWNSAMPLE = (False, True, True)
 
 ProgressCallback = Callable[[int, int], None]
+ChunkCallback = Callable[[int, torch.Tensor], None]
 logger = logging.getLogger(__name__)
 
 
@@ -456,6 +457,7 @@ class WanVAE(nn.Module):
         frames_per_chunk: int | None = None,
         frames_per_pass: int | None = None,
         autotune: bool | None = None,
+        on_chunk: ChunkCallback | None = None,
     ) -> torch.Tensor:
         """Normalised latent `[B, 16, T, h, w]` -> video `[B, 3, 1 + 4(T-1), 8h, 8w]` in [-1, 1], float32.
 
@@ -472,7 +474,9 @@ class WanVAE(nn.Module):
         trials take seconds and memory per new shape). `callback(done, total)` is called after every pass
         with the latent frames decoded so far, over all tiles (total = frames x tiles). The video is built on
         `output_device` (default: the VAE's device); CPU output from a CUDA decode is streamed while
-        decoding.
+        decoding. `on_chunk(first_frame, frames)` receives video frames as soon as they are final, in order
+        (e.g. to encode them while later ones decode): untiled, each pass's frames [B, 3, f, H, W] on the
+        VAE's device in its dtype, not yet clamped; tiled, the whole video once at the end.
         """
         check_latent_shape(latent.shape)
         plan = self.decode_plan(
@@ -508,12 +512,17 @@ class WanVAE(nn.Module):
                             chunk.contiguous(memory_format=memory_format), cache, plan.frames_per_pass
                         )
                         output.add(first, tile, decoded, weight)
+                        if on_chunk is not None and not plan.tiled:
+                            on_chunk(first, decoded)
                         first += decoded.shape[2]
                         done += stop - start
                         if callback is not None:
                             callback(done, total)
                     output.tile_done(tile)
-            return output.result()
+            video = output.result()
+            if on_chunk is not None and plan.tiled:
+                on_chunk(0, video)
+            return video
         finally:
             output.close()
 
