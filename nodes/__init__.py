@@ -5,7 +5,7 @@ from .loader_nodes import TD_TextEncoderLoader, TD_VAELoader, TD_WanModelLoader
 from .memory_nodes import TD_FreeVRAM
 from .routes import register_routes
 from .sampler_node import TD_RCMSampler
-from .video_nodes import TD_SaveVideo, TD_VAEDecode
+from .video_nodes import TD_DecodeAndSaveVideo, TD_SaveVideo, TD_VAEDecode
 
 NODE_CLASS_MAPPINGS = {
     "TD_WanModelLoader": TD_WanModelLoader,
@@ -17,6 +17,7 @@ NODE_CLASS_MAPPINGS = {
     "TD_RCMSampler": TD_RCMSampler,
     "TD_VAEDecode": TD_VAEDecode,
     "TD_SaveVideo": TD_SaveVideo,
+    "TD_DecodeAndSaveVideo": TD_DecodeAndSaveVideo,
     "TD_FreeVRAM": TD_FreeVRAM,
 }
 
@@ -30,6 +31,7 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "TD_RCMSampler": "TurboDiffusion rCM Sampler",
     "TD_VAEDecode": "TurboDiffusion VAE Decode",
     "TD_SaveVideo": "TurboDiffusion Save Video",
+    "TD_DecodeAndSaveVideo": "TurboDiffusion Decode and Save Video",
     "TD_FreeVRAM": "TurboDiffusion Free VRAM",
 }
 

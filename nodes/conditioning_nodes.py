@@ -17,6 +17,7 @@ from ..wan_models.resolution import (
 )
 from .comfy_conditioning import text_conditioning, with_start_image
 from .model_patchers import load_to_device
+from .stage_timing import timed_stage
 
 CATEGORY = "TurboDiffusion"
 # The two presets TurboDiffusion's models are trained for come first.
@@ -100,7 +101,8 @@ class TD_TextEncode:
 
     def encode(self, text_encoder, text):
         load_to_device(text_encoder)
-        context = text_encoder.network.encode([text])
+        with timed_stage("text encoding", text_encoder.load_device):
+            context = text_encoder.network.encode([text])
         return (text_conditioning(context.to(mm.intermediate_device(), torch.float32)),)
 
 

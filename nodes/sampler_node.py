@@ -14,6 +14,7 @@ from ..wan_models.text_encoder import pad_context_to_512
 from .comfy_conditioning import single_context, start_image_condition
 from .comfy_latent import to_comfy_latent
 from .model_patchers import TurboPatcher, load_to_device, reconcile_after_sampling
+from .stage_timing import log_stage
 
 CATEGORY = "TurboDiffusion"
 NODE = "TD_RCMSampler"
@@ -22,7 +23,9 @@ SEED_MAX = 0xFFFFFFFFFFFFFFFF
 
 @contextmanager
 def interrupt_checks(*models: torch.nn.Module):
-    """Check ComfyUI's interrupt flag before every transformer block, so Cancel stops within a block."""
+    """Check ComfyUI's interrupt flag before every transformer block, so Cancel stops within a block; before
+    every step for models whose forward is replayed or compiled (a per-block check would run only while
+    capturing, or make torch.compile recompile for every new hook)."""
 
     def check(module, args):
         mm.throw_exception_if_processing_interrupted()
@@ -30,7 +33,8 @@ def interrupt_checks(*models: torch.nn.Module):
     handles = []
     for model in models:
         blocks = getattr(model, "blocks", None)
-        for block in blocks if blocks is not None else [model]:
+        per_block = blocks is not None and getattr(model, "forward_runner", None) is None
+        for block in blocks if per_block else [model]:
             handles.append(block.register_forward_pre_hook(check))
     try:
         yield
@@ -60,6 +64,14 @@ def _check_pairing(model: TurboPatcher, condition: torch.Tensor | None, context:
             f"{NODE}: the conditioning is {context.shape[-1]} wide but '{model.label}' expects umT5 text "
             f"features of width {config.text_dim}; encode the prompt with the Wan umT5-XXL text encoder."
         )
+
+
+def _log_sampling(stats: wan_models.SamplingStats) -> None:
+    steps = stats.steps_per_model
+    for label, seconds in stats.seconds_per_model.items():
+        stage = "sampling" if label == "model" else f"sampling ({label.replace('_', ' ')} expert)"
+        log_stage(stage, seconds, f"{steps.get(label, 0)} steps")
+    log_stage("model transfer", stats.transfer_seconds)
 
 
 class TD_RCMSampler:
@@ -154,6 +166,7 @@ class TD_RCMSampler:
         experts = [model] if low_noise_model is None else [model, low_noise_model]
         load_to_device(model)
         progress = comfy.utils.ProgressBar(steps)
+        stats = wan_models.SamplingStats()
         try:
             with interrupt_checks(*(expert.network for expert in experts)):
                 final = wan_models.rcm_sample(
@@ -169,7 +182,9 @@ class TD_RCMSampler:
                     boundary=boundary,
                     device=model.load_device,
                     callback=lambda step, total: progress.update_absolute(step, total),
+                    stats=stats,
                 )
         finally:
             reconcile_after_sampling(experts)
+        _log_sampling(stats)
         return (to_comfy_latent(final.to(mm.intermediate_device())),)

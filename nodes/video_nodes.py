@@ -1,4 +1,5 @@
-"""Decoding latents to frames and saving frames as a video file."""
+"""Decoding latents to frames, saving frames as a video file, and both at once with the video encoded while
+the VAE decodes."""
 
 from __future__ import annotations
 
@@ -9,11 +10,60 @@ import folder_paths
 from comfy import model_management as mm
 from comfy.cli_args import args
 
+from ..wan_models.video_file import BACKGROUND_PRESET, PYAV_CODECS, background_writer
 from .comfy_latent import from_comfy_latent
 from .model_patchers import load_to_device
+from .stage_timing import log_stage, synchronised_now, timed_stage
 from .video_writer import MAX_CRF, VIDEO_FORMATS, frames_to_uint8, write_video
 
 CATEGORY = "TurboDiffusion"
+VRAM_BUDGET_INPUT = (
+    "FLOAT",
+    {
+        "default": 0.0,
+        "min": 0.0,
+        "max": 1024.0,
+        "step": 0.5,
+        "tooltip": "Instead of tile_size: GPU memory the decode may use (GB, VAE weights "
+        "included); the fastest plan that fits is chosen, untiled when possible. "
+        "0: no limit.",
+    },
+)
+FPS_INPUT = (
+    "FLOAT",
+    {
+        "default": 16.0,
+        "min": 0.01,
+        "max": 1000.0,
+        "step": 0.01,
+        "tooltip": "Frames per second (TurboDiffusion's models are trained for 16).",
+    },
+)
+FILENAME_PREFIX_INPUT = (
+    "STRING",
+    {
+        "default": "TurboDiffusion",
+        "tooltip": "Name prefix in the output folder; may contain a subfolder (video/name).",
+    },
+)
+
+
+def _output_file(filename_prefix: str, video_format: str, width: int, height: int) -> tuple[Path, dict]:
+    """The next numbered file in ComfyUI's output folder, and its UI preview entry."""
+    folder, name, counter, subfolder, _ = folder_paths.get_save_image_path(
+        filename_prefix, folder_paths.get_output_directory(), width, height
+    )
+    file = f"{name}_{counter:05}_.{video_format}"
+    return Path(folder) / file, {"filename": file, "subfolder": subfolder, "type": "output"}
+
+
+def _metadata(prompt, extra_pnginfo) -> dict:
+    metadata = {}
+    if not args.disable_metadata:
+        metadata.update(extra_pnginfo or {})
+        if prompt is not None:
+            metadata["prompt"] = prompt
+    return metadata
 
 
 class TD_VAEDecode:
@@ -49,18 +99,7 @@ class TD_VAEDecode:
                         "memory, slightly different pixels.",
                     },
                 ),
-                "vram_budget_gb": (
-                    "FLOAT",
-                    {
-                        "default": 0.0,
-                        "min": 0.0,
-                        "max": 1024.0,
-                        "step": 0.5,
-                        "tooltip": "Instead of tile_size: GPU memory the decode may use (GB, VAE weights "
-                        "included); the fastest plan that fits is chosen, untiled when possible. "
-                        "0: no limit.",
-                    },
-                ),
+                "vram_budget_gb": VRAM_BUDGET_INPUT,
             },
         }
 
@@ -68,13 +107,14 @@ class TD_VAEDecode:
         latent = from_comfy_latent(samples)
         load_to_device(vae)
         progress = comfy.utils.ProgressBar(latent.shape[2])
-        video = vae.network.decode(
-            latent,
-            tile_size=tile_size or None,
-            callback=lambda done, total: progress.update_absolute(done, total),
-            output_device=mm.intermediate_device(),
-            vram_budget_gib=vram_budget_gb or None,
-        )
+        with timed_stage("VAE decoding", vae.load_device):
+            video = vae.network.decode(
+                latent,
+                tile_size=tile_size or None,
+                callback=lambda done, total: progress.update_absolute(done, total),
+                output_device=mm.intermediate_device(),
+                vram_budget_gib=vram_budget_gb or None,
+            )
         frames = ((video.clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 4, 1)
         return (frames.reshape(-1, *frames.shape[2:]),)
 
@@ -94,23 +134,8 @@ class TD_SaveVideo:
         return {
             "required": {
                 "images": ("IMAGE", {"tooltip": "The frames, e.g. from TD_VAEDecode."}),
-                "fps": (
-                    "FLOAT",
-                    {
-                        "default": 16.0,
-                        "min": 0.01,
-                        "max": 1000.0,
-                        "step": 0.01,
-                        "tooltip": "Frames per second (TurboDiffusion's models are trained for 16).",
-                    },
-                ),
-                "filename_prefix": (
-                    "STRING",
-                    {
-                        "default": "TurboDiffusion",
-                        "tooltip": "Name prefix in the output folder; may contain a subfolder (video/name).",
-                    },
-                ),
+                "fps": FPS_INPUT,
+                "filename_prefix": FILENAME_PREFIX_INPUT,
                 "format": (
                     list(VIDEO_FORMATS),
                     {"default": "mp4", "tooltip": "mp4 (H.264), webm (VP9), animated gif or animated webp."},
@@ -130,29 +155,90 @@ class TD_SaveVideo:
         }
 
     def save(self, images, fps, filename_prefix, format, crf, prompt=None, extra_pnginfo=None):
+        start = synchronised_now()
         frames = frames_to_uint8(images)
-        folder, name, counter, subfolder, _ = folder_paths.get_save_image_path(
-            filename_prefix, folder_paths.get_output_directory(), frames.shape[2], frames.shape[1]
-        )
-        file = f"{name}_{counter:05}_.{format}"
-        metadata = {}
-        if not args.disable_metadata:
-            metadata.update(extra_pnginfo or {})
-            if prompt is not None:
-                metadata["prompt"] = prompt
+        path, preview = _output_file(filename_prefix, format, frames.shape[2], frames.shape[1])
         progress = comfy.utils.ProgressBar(len(frames))
         write_video(
             frames,
-            Path(folder) / file,
+            path,
             fps,
             format,
             crf,
-            metadata,
+            _metadata(prompt, extra_pnginfo),
             on_frame=lambda done, total: progress.update_absolute(done, total),
         )
+        log_stage("video encoding", synchronised_now() - start, f"{len(frames)} frames, {format}")
+        return {"ui": {"images": [preview], "animated": [True]}}
+
+
+class TD_DecodeAndSaveVideo:
+    DESCRIPTION = (
+        "Decodes a Wan video latent and writes the video while decoding, so the file is ready moments after "
+        "the last frame (faster than TD_VAEDecode followed by TD_SaveVideo). Numbered in the output folder, "
+        "with the prompt and workflow embedded, and previewed."
+    )
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ()
+    OUTPUT_NODE = True
+    FUNCTION = "save"
+
+    @classmethod
+    def INPUT_TYPES(cls):
         return {
-            "ui": {
-                "images": [{"filename": file, "subfolder": subfolder, "type": "output"}],
-                "animated": [True],
-            }
+            "required": {
+                "vae": ("TD_WAN_VAE", {"tooltip": "The Wan 2.1 VAE from TD_VAELoader."}),
+                "samples": ("LATENT", {"tooltip": "A Wan video latent, e.g. from TD_RCMSampler."}),
+                "fps": FPS_INPUT,
+                "filename_prefix": FILENAME_PREFIX_INPUT,
+                "format": (
+                    list(PYAV_CODECS),
+                    {"default": "mp4", "tooltip": "mp4 (H.264) or webm (VP9)."},
+                ),
+                "crf": (
+                    "INT",
+                    {
+                        "default": 19,
+                        "min": 0,
+                        "max": max(MAX_CRF[f] for f in PYAV_CODECS),
+                        "tooltip": "Quality: lower is better and larger (mp4 0-51, webm 0-63). mp4 uses "
+                        f"x264's {BACKGROUND_PRESET} preset to keep up with the decoder.",
+                    },
+                ),
+            },
+            "optional": {"vram_budget_gb": VRAM_BUDGET_INPUT},
+            "hidden": {"prompt": "PROMPT", "extra_pnginfo": "EXTRA_PNGINFO"},
         }
+
+    def save(
+        self,
+        vae,
+        samples,
+        fps,
+        filename_prefix,
+        format,
+        crf,
+        vram_budget_gb=0.0,
+        prompt=None,
+        extra_pnginfo=None,
+    ):
+        latent = from_comfy_latent(samples)
+        load_to_device(vae)
+        batch, _, _, height, width = latent.shape
+        path, preview = _output_file(filename_prefix, format, batch * width * 8, height * 8)
+        encoder = background_writer(path, fps, format, crf, _metadata(prompt, extra_pnginfo))
+        progress = comfy.utils.ProgressBar(latent.shape[2])
+        try:
+            with timed_stage("VAE decoding (encoding alongside)", vae.load_device):
+                vae.network.decode(
+                    latent,
+                    callback=lambda done, total: progress.update_absolute(done, total),
+                    vram_budget_gib=vram_budget_gb or None,
+                    on_chunk=encoder.add,
+                )
+        except BaseException:
+            encoder.abort()
+            raise
+        with timed_stage("video encoding (after decoding)"):
+            encoder.finish()
+        return {"ui": {"images": [preview], "animated": [True]}}

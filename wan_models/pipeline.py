@@ -8,8 +8,9 @@ every stage, VAE decoding included. With `output_path` the video file is encoded
 
 from __future__ import annotations
 
+import functools
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,7 +28,7 @@ from .sampler import (
     check_sampler_options,
     rcm_sample,
 )
-from .video_file import BACKGROUND_PRESET, PYAV_CODECS, BackgroundVideoWriter, VideoFileWriter
+from .video_file import MAX_CRF, PYAV_CODECS, BackgroundVideoWriter, background_writer
 
 SIGMA_MAX_T2V = 80.0
 SIGMA_MAX_I2V = 200.0
@@ -156,7 +157,7 @@ def _sample_and_decode(
     device: torch.device,
     callback: StepCallback | None,
     sampler_options: dict,
-    video_file: VideoFileWriter | None,
+    video_file: Callable[[], BackgroundVideoWriter] | None,
 ) -> tuple[torch.Tensor, torch.Tensor, SamplingStats, Path | None]:
     stats = SamplingStats()
     with _self_attention_override(models, attention, sla_topk), _restore_placement(models):
@@ -176,7 +177,7 @@ def _sample_and_decode(
         with clock.stage("vae_decoding"):
             video = vae.decode(latent.to(module_device(vae)))
         return latent, video, stats, None
-    encoder = BackgroundVideoWriter(video_file)
+    encoder = video_file()
     try:
         with clock.stage("vae_decoding"):
             video = vae.decode(latent.to(module_device(vae)), on_chunk=encoder.add)
@@ -198,8 +199,10 @@ def video_to_frames(video: torch.Tensor) -> torch.Tensor:
     return unit.permute(2, 3, 0, 4, 1).flatten(2, 3)
 
 
-def _video_file(output_path: str | Path | None, fps: float, crf: int) -> VideoFileWriter | None:
-    """The writer for `output_path` (mp4 or webm by its suffix), checked before any work starts."""
+def _video_file(
+    output_path: str | Path | None, fps: float, crf: int
+) -> Callable[[], BackgroundVideoWriter] | None:
+    """What makes the writer for `output_path` (mp4 or webm by its suffix), checked before any work."""
     if output_path is None:
         return None
     path = Path(output_path)
@@ -208,7 +211,9 @@ def _video_file(output_path: str | Path | None, fps: float, crf: int) -> VideoFi
         raise ValueError(f"output_path {path.name!r} must end in .mp4 or .webm")
     if not path.parent.is_dir():
         raise ValueError(f"the folder of output_path does not exist: {path.parent}")
-    return VideoFileWriter(path, fps, video_format, crf, preset=BACKGROUND_PRESET)
+    if not 0 <= crf <= MAX_CRF[video_format]:
+        raise ValueError(f"crf {crf} is out of range for {video_format}; use 0..{MAX_CRF[video_format]}")
+    return functools.partial(background_writer, path, fps, video_format, crf)
 
 
 def _result(

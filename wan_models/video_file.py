@@ -127,6 +127,14 @@ class VideoFileWriter:
             raise
 
 
+def background_writer(
+    path: str | Path, fps: float, video_format: str, crf: int, metadata: dict[str, object] | None = None
+) -> BackgroundVideoWriter:
+    """A `BackgroundVideoWriter` for `path`; H.264 uses the `BACKGROUND_PRESET` to keep up with decoding."""
+    preset = BACKGROUND_PRESET if video_format == "mp4" else None
+    return BackgroundVideoWriter(VideoFileWriter(path, fps, video_format, crf, metadata, preset=preset))
+
+
 class BackgroundVideoWriter:
     """Encodes decoded video chunks on a worker thread while the caller produces the next ones.
 
