@@ -1,9 +1,10 @@
 """Encoding IMAGE frames to a video file, atomically, with ComfyUI's workflow metadata.
 
 Formats: mp4 (H.264, yuv420p) and webm (VP9, yuv420p) through PyAV with a constant-rate-factor
-(`wan_models.video_file.VideoFileWriter`); animated gif and webp through Pillow. Metadata (the API prompt and the canvas workflow) is stored the way ComfyUI's own
-savers do, so dropping the file on the canvas reopens its workflow: container tags for mp4/webm (core
-SaveVideo / SaveWEBM), EXIF tags for webp (core SaveAnimatedWEBP), the comment block for gif.
+(`wan_models.video_file.VideoFileWriter`); animated gif and webp through Pillow. Metadata (the API prompt
+and the canvas workflow) is stored the way ComfyUI's own savers do, so dropping the file on the canvas
+reopens its workflow: container tags for mp4/webm (core SaveVideo / SaveWEBM), EXIF tags for webp (core
+SaveAnimatedWEBP), the comment block for gif.
 
 The file is written under a hidden temporary name in the target folder and renamed when complete, so an
 error or an interrupt never leaves a half-written video under the final name.
