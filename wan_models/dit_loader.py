@@ -194,6 +194,32 @@ def require_kind(model: WanDiT, kind: str) -> None:
     )
 
 
+def dit_from_state_dict(
+    state: Mapping[str, torch.Tensor],
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
+    attention: str | AttentionFn = "sdpa",
+    sla_topk: float = 0.1,
+    linear_quant: str = "auto",
+    quantize_device: str | torch.device | None = None,
+    forward_mode: str = "none",
+    metadata: Mapping[str, str] | None = None,
+) -> WanDiT:
+    """`load_dit` for a state dict already in memory (any layout `load_dit` reads; safetensors `metadata`
+    for ComfyUI fp8 files). Tensors that need no conversion are used as they are, not copied, so several
+    models (or another implementation) can share one set of weights."""
+    target_storage(linear_quant, "dense")
+    if forward_mode not in FORWARD_MODES:
+        raise ValueError(f"unknown forward_mode {forward_mode!r}; choose one of {', '.join(FORWARD_MODES)}")
+    device = torch.device(device)
+    quantize_device = torch.device(quantize_device) if quantize_device is not None else device
+    model = _from_state(
+        state, metadata or {}, device, dtype, attention, sla_topk, linear_quant, quantize_device
+    )
+    set_forward_mode(model, forward_mode)
+    return model
+
+
 def _load(
     path: Path,
     device: torch.device,
@@ -206,6 +232,27 @@ def _load(
     # A conversion may shrink the model: read to the CPU and move each tensor once it has its final form.
     state = read_state_dict(path, device if linear_quant == "auto" else "cpu")
     metadata = read_safetensors_metadata(path)
+    model = _from_state(
+        state, metadata, device, dtype, attention, sla_topk, linear_quant, quantize_device, consume=True
+    )
+    model.source = str(path)
+    return model
+
+
+def _from_state(
+    state: Mapping[str, torch.Tensor],
+    metadata: Mapping[str, str],
+    device: torch.device,
+    dtype: torch.dtype | None,
+    attention: str | AttentionFn,
+    sla_topk: float,
+    linear_quant: str,
+    quantize_device: torch.device,
+    consume: bool = False,
+) -> WanDiT:
+    """The model for a state dict; `consume` empties the caller's dict once read, so that converted weights
+    free their originals layer by layer (the file's copy is never held twice)."""
+    given = state
     fp8 = has_comfy_fp8(state, metadata)
     kept = StoredFp8Linears({}, {})
     if fp8:
@@ -214,7 +261,9 @@ def _load(
             state, kept = split_stored_fp8_linears(state)
         state = {**dequantize_comfy_fp8(state, metadata, dtype), **kept.codes}
     layout, weights = _read_layout(state, fp8)
-    del state
+    if consume:
+        given.clear()
+    del state, given
     for key, scale in kept.scales.items():
         name = key.replace(WRAPPER_SEGMENT, "")[len(layout.prefix) :]
         weights[name + "_scale"] = scale.expand(weights[name].shape[0]).clone()
@@ -235,7 +284,6 @@ def _load(
     model.load_state_dict(weights, strict=True, assign=True)
     if stored == "fp8" and linear_quant == "auto":
         set_linear_activations(model, "weight_only")  # what ComfyUI computes for its fp8 files
-    model.source = str(path)
     return model.requires_grad_(False).eval()
 
 
