@@ -8,7 +8,9 @@ Before a GPU run, where the network is reachable: `python bench/e2e_prepare.py -
 (reference files and a ComfyUI tree into .ref/, wheels into .whl/); then on the GPU, carrying .ref and .whl:
 
     python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && \\
-        PYTHONPATH=/tmp/site python3 bench/e2e.py --json $OUT/e2e.json
+        PYTHONPATH=/tmp/site python3 bench/e2e.py --json $OUT/e2e.json --workdir /tmp/e2e
+
+(the exact `run` call is in bench/NOTES_e2e.md).
 
 Per size (1.3B: 480p × 81 frames, latent 21×60×104; 14B: 720p × 81, latent 21×90×160), one set of random
 weights as released (bf16, float32 norm weights, random SLA proj_l; FORMATS.md §5), shared by every network:
@@ -16,13 +18,15 @@ weights as released (bf16, float32 norm weights, random SLA proj_l; FORMATS.md �
 * reference: thu-ml/TurboDiffusion's WanModel (rcm/networks/wan2pt1.py) built by its modify_model.py with
   SLA attention (top-k 0.1, its Triton kernels) and FastNorm, run by the loop of wan2.1_t2v_infer.py;
   the stand-ins it needs here are printed (bench/e2e_reference.py);
-* ours, all sagesla (top-k 0.1): `eager` (PyTorch block ops, no graphs: the unoptimised path), `fused`
-  (fused Triton block ops), `graphs` (fused + CUDA graphs: the optimised path), `int8` / `fp8` (graphs +
-  W8A8 linears quantised at load), `compile` (torch.compile, default mode; opt-in, compiling takes minutes).
-Time: a warm-up forward at the shape (JIT, self-checks, graph capture), then `--repeats` 4-step loops from
-the same noise, synchronised wall clock, median. Equality: the first-step velocity of every variant (and
-of the reference) against `eager` on the same input, rel-L2 / cosine / max |Δ|; the optimised path passes
-within bf16 tolerance (rel-L2 ≤ 2e-2, cos ≥ 0.9998), and a graph replay must equal its eager capture run.
+* ours, top-k 0.1: `eager-sla` (the reference's attention type, PyTorch block ops: ours against theirs on
+  equal terms), then sagesla: `eager` (PyTorch block ops, no graphs: the unoptimised path), `fused` (fused
+  Triton block ops), `graphs` (fused + CUDA graphs: the optimised path), `int8` / `fp8` (graphs + W8A8
+  linears quantised at load), `compile` (torch.compile, default mode; opt-in, compiling takes minutes).
+Time: a warm-up forward at the shape (JIT, self-checks, graph capture), then `--repeats` (1.3B) or
+`--repeats-14b` 4-step loops from the same noise, synchronised wall clock, median. Equality: the first-step
+velocity of every path against `eager` on the same input (and the reference's against `eager-sla`), rel-L2
+/ cosine / max |Δ|; the optimised path passes within bf16 tolerance (rel-L2 ≤ 2e-2, cos ≥ 0.9998), and a
+graph replay must equal its eager capture run.
 Whole job (1.3B 480p × 81): text encoding + 4 steps + VAE decode + MP4 through ComfyUI in this process
 (bench/e2e_comfy.py), models loaded by a first run; then `--repeats` runs with a new prompt and seed each.
 Targets: loop ≥ 3× the reference at both sizes; whole job ≤ 2.0 s on an H200 (2.4 s on an H100).
@@ -67,18 +71,22 @@ SIZES = {
 }
 TINY = dict(dim=256, ffn_dim=256, num_heads=2, num_layers=2, text_dim=64, has_sla_proj=True)
 TINY_LATENT = (1, 16, 2, 4, 6)
-DEFAULT_VARIANTS = {"1.3b": "eager,fused,graphs,int8,fp8", "14b": "eager,graphs,int8,fp8"}
-VARIANTS = {  # name -> (block ops, forward mode, linear storage)
-    "eager": ("torch", "none", "auto"),
-    "fused": ("auto", "none", "auto"),
-    "graphs": ("auto", "cudagraphs", "auto"),
-    "int8": ("auto", "cudagraphs", "int8"),
-    "fp8": ("auto", "cudagraphs", "fp8"),
-    "compile": ("torch", "default", "auto"),
+DEFAULT_VARIANTS = {"1.3b": "eager-sla,eager,fused,graphs,int8,fp8", "14b": "eager,graphs,int8,fp8"}
+VARIANTS = {  # name -> (self-attention, block ops, forward mode, linear storage)
+    "eager-sla": ("sla", "torch", "none", "auto"),
+    "eager": ("sagesla", "torch", "none", "auto"),
+    "fused": ("sagesla", "auto", "none", "auto"),
+    "graphs": ("sagesla", "auto", "cudagraphs", "auto"),
+    "int8": ("sagesla", "auto", "cudagraphs", "int8"),
+    "fp8": ("sagesla", "auto", "cudagraphs", "fp8"),
+    "compile": ("sagesla", "torch", "default", "auto"),
 }
 OPTIMISED = "graphs"
 FP32_NORMS = ("norm_q.weight", "norm_k.weight", "norm3.weight", "norm3.bias")
 SLA_TOPK = 0.1
+# Tiny sequences have fewer than 10 key blocks, where top-k 0.1 selects none: the dry run keeps them all, so
+# that the sparse branches run too.
+DRY_RUN_SLA_TOPK = 1.0
 EQUAL_REL_L2, EQUAL_COS = 2e-2, 0.9998
 TEXT_TOKENS = 24
 PROMPTS = (
@@ -162,13 +170,13 @@ def timed_loops(run, repeats: int, device: str) -> list[float]:
     return seconds
 
 
-def build_variant(name: str, state: dict, device: str):
-    block_ops, forward_mode, linear_quant = VARIANTS[name]
+def build_variant(name: str, state: dict, device: str, sla_topk: float):
+    attention, block_ops, forward_mode, linear_quant = VARIANTS[name]
     model = dit_from_state_dict(
         state,
         device=device,
-        attention="sagesla",
-        sla_topk=SLA_TOPK,
+        attention=attention,
+        sla_topk=sla_topk,
         linear_quant=linear_quant,
         forward_mode=forward_mode,
     )
@@ -185,6 +193,7 @@ def run_size(size: str, args, device: str, results: dict) -> dict | None:
     context = text_context(TINY["text_dim"] if args.dry_run else 4096, device, seed=1)
     x0, t0 = first_step_input(latent, device, seed=2)
     rows = results.setdefault("loops", [])
+    repeats = args.repeats_14b if size == "14b" else args.repeats
     velocities: dict[str, torch.Tensor] = {}
 
     reason = e2e_reference.available()
@@ -200,7 +209,7 @@ def run_size(size: str, args, device: str, results: dict) -> dict | None:
                 x_B_C_T_H_W=x0, timesteps_B_T=timesteps, crossattn_emb=context
             ).float()
             loop = functools.partial(e2e_reference.reference_loop, net, context, latent, seed=args.seed)
-            seconds = timed_loops(loop, args.repeats, device)
+            seconds = timed_loops(loop, repeats, device)
         rows.append(dict(size=size, variant="reference", seconds=seconds))
         say(f"reference (TurboDiffusion WanModel + SLA + FastNorm): {_seconds(seconds)}")
         del net
@@ -210,12 +219,12 @@ def run_size(size: str, args, device: str, results: dict) -> dict | None:
     for name in args.variants.get(size, DEFAULT_VARIANTS[size]).split(","):
         if _out_of_time(args, f"{size} {name}"):
             break
-        model = build_variant(name, state, device)
+        model = build_variant(name, state, device, DRY_RUN_SLA_TOPK if args.dry_run else SLA_TOPK)
         with torch.no_grad():
             velocities[name] = model(x0, t0, context).float()  # warm-up; for graphs: eager run + capture
-            replayed = model(x0, t0, context).float() if VARIANTS[name][1] == "cudagraphs" else None
+            replayed = model(x0, t0, context).float() if name == OPTIMISED else None
             loop = functools.partial(rcm_sample, model, context, latent, seed=args.seed, device=device)
-            seconds = timed_loops(loop, args.repeats, device)
+            seconds = timed_loops(loop, repeats, device)
         row = dict(size=size, variant=name, seconds=seconds)
         if replayed is not None:
             row["replay_equals_capture_run"] = bool(torch.equal(replayed, velocities[name]))
@@ -226,9 +235,9 @@ def run_size(size: str, args, device: str, results: dict) -> dict | None:
         if device == "cuda":
             torch.cuda.empty_cache()
 
-    baseline = velocities.get("eager")
     for name, velocity in velocities.items():
-        if baseline is not None and name != "eager":
+        baseline = velocities.get("eager-sla" if name == "reference" else "eager")
+        if baseline is not None and baseline is not velocity:
             for row in rows:
                 if row["size"] == size and row["variant"] == name:
                     row["vs_eager"] = compare(velocity, baseline)
@@ -257,6 +266,8 @@ def run_whole_job(state: dict, args, device: str, results: dict) -> None:
     if not (comfy_dir / "execution.py").exists():
         say("whole job: not run (no ComfyUI tree; run bench/e2e_prepare.py)")
         return
+    if args.workdir is not None:
+        args.workdir.mkdir(parents=True, exist_ok=True)
     base = Path(tempfile.mkdtemp(prefix="td_e2e_", dir=args.workdir))
     say(f"\n== whole job through ComfyUI ({comfy_dir}), files in {base}")
     models = base / "models"
@@ -314,7 +325,7 @@ def _out_of_time(args, what: str) -> bool:
 
 def print_table(results: dict, device_name: str, dry_run: bool) -> None:
     say(f"\n== Summary ({device_name})")
-    say("| size | path | 4-step loop s | vs reference | vs ours eager | first-step velocity vs eager |")
+    say("| size | path | 4-step loop s | vs reference | vs ours eager | first-step velocity vs ours eager* |")
     say("| --- | --- | ---: | ---: | ---: | --- |")
     loops = results.get("loops", [])
     for row in loops:
@@ -361,7 +372,8 @@ def main() -> None:
     parser.add_argument("--sizes", default="1.3b,14b")
     parser.add_argument("--variants", default="", help="e.g. 1.3b=eager,graphs;14b=eager,int8")
     parser.add_argument("--skip", default="", help="comma list of: reference, comfy")
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=2, help="timed loops at 1.3B, and whole jobs")
+    parser.add_argument("--repeats-14b", type=int, default=1, help="timed loops at 14B (about 20 s each)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--time-limit", type=float, default=420.0, help="seconds; later parts are skipped")
     parser.add_argument("--json", type=Path)
@@ -401,6 +413,7 @@ def main() -> None:
         if device == "cuda":
             torch.cuda.empty_cache()
     print_table(results, device_name, args.dry_run)
+    say("* the reference against ours eager-sla (same attention type); every other path against ours eager")
     say(f"total {time.perf_counter() - args.started:.0f} s")
     if args.json:
         args.json.write_text(json.dumps({**results, "log": LOG}, indent=1, default=str))
