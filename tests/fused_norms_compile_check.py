@@ -1,5 +1,6 @@
-"""Compiles the fused norm kernels for GPU targets on a machine without a GPU and prints, as JSON, what
-tests/test_fused_norms_compile.py checks (child process, as tests/quant_compile_check.py)."""
+"""Compiles the fused norm kernels (and the fp8 activation quantiser of the same issue) for GPU targets on a
+machine without a GPU and prints, as JSON, what tests/test_fused_norms_compile.py checks (child process, as
+tests/quant_compile_check.py)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import tempfile
 from pathlib import Path
 
 import triton
-from comfyui_turbodiffusion.turbo_kernels import fused_norms
+from comfyui_turbodiffusion.turbo_kernels import fp8_quant, fused_norms
 from triton.backends.compiler import GPUTarget
 from triton.backends.nvidia.compiler import get_ptxas
 from triton.compiler import ASTSource
@@ -41,13 +42,27 @@ GATED_ADD = {
     **dict.fromkeys(("tokens", "width", "gate_batch_stride"), "i32"),
     **dict.fromkeys(("BLOCK", "SOFTWARE_BF16"), "constexpr"),
 }
+FP8_QUANTISER = {
+    "x_ptr": "*bf16",
+    "codes_ptr": "*fp8e4nv",
+    "scale_ptr": "*fp32",
+    **dict.fromkeys(("K", "stride_xm"), "i32"),
+    **dict.fromkeys(("BLOCK", "INTERPRET"), "constexpr"),
+}
+# Reduction widths K of the Wan linears' activations: 1536 / 5120 (q/k/v/o, FFN up), 8960 / 13824 (FFN down).
+FP8_WIDTHS = {1536: (2048, 4), 5120: (8192, 8), 13824: (16384, 8)}
 # The launcher specialises pointers and integers divisible by 16 (every Wan width and batch stride).
-ALIGNED = ("_ptr", "width", "vector_batch_stride", "gate_batch_stride")
+ALIGNED = {"width", "vector_batch_stride", "gate_batch_stride", "K", "stride_xm"}
 
 
 def compile_report(kernel, signature: dict, constexprs: dict, warps: int, capability: int) -> dict:
-    aligned = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(signature) if name.endswith(ALIGNED)}
-    source = ASTSource(kernel, signature, {**constexprs, "SOFTWARE_BF16": False}, aligned)
+    aligned = {
+        (i,): [["tt.divisibility", 16]]
+        for i, name in enumerate(signature)
+        if name.endswith("_ptr") or name in ALIGNED
+    }
+    flag = "INTERPRET" if "INTERPRET" in signature else "SOFTWARE_BF16"
+    source = ASTSource(kernel, signature, {**constexprs, flag: False}, aligned)
     options = {"num_warps": warps, "enable_fp_fusion": False}
     compiled = triton.compile(source, target=GPUTarget("cuda", capability, 32), options=options)
     ptx = compiled.asm["ptx"]
@@ -60,6 +75,8 @@ def compile_report(kernel, signature: dict, constexprs: dict, warps: int, capabi
     registers = re.search(r"Used (\d+) registers", report)
     return {
         "fma": "fma.rn.f32" in ptx,
+        "div_rn": "div.rn.f32" in ptx,
+        "e4m3_cvt": "cvt.rn.satfinite.e4m3x2.f32" in ptx,
         "vector_loads": bool(re.search(r"ld\.global(\.\w+)*\.v[24]", ptx)),
         "spill_bytes": int(spills.group(1)) if spills else None,
         "registers": int(registers.group(1)) if registers else None,
@@ -96,6 +113,10 @@ def main() -> None:
                     constexprs = {"BLOCK": block}
                 key = f"{name}/{width}/sm{capability}"
                 results[key] = compile_report(kernel, signature, constexprs, warps, capability)
+    for width, (block, warps) in FP8_WIDTHS.items():
+        results[f"fp8_row_quantiser/{width}/sm90"] = compile_report(
+            fp8_quant._quantize_rows_kernel, FP8_QUANTISER, {"BLOCK": block}, warps, 90
+        )
     print(json.dumps(results))
 
 

@@ -20,6 +20,8 @@ bf16 0.0023. e4m3 keeps 3 mantissa bits, so fp8 is the less accurate of the two 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 E4M3 = torch.float8_e4m3fn
@@ -81,9 +83,11 @@ def fp8_linear(
     weight_scale: torch.Tensor,
     bias: torch.Tensor | None,
     use_scaled_mm: bool,
+    quantize: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None,
 ) -> torch.Tensor:
-    """x [M, K] -> [M, N] in x's dtype: per-token e4m3 quantisation, FP8 matmul, then `+ bias`."""
-    x_codes, x_scale = quantize_rows_e4m3(x)
+    """x [M, K] -> [M, N] in x's dtype: per-token e4m3 quantisation (`quantize`, default
+    `quantize_rows_e4m3`; `fp8_quant` has the same in Triton), FP8 matmul, then `+ bias`."""
+    x_codes, x_scale = (quantize or quantize_rows_e4m3)(x)
     if use_scaled_mm and scaled_mm_shape_ok(x.shape[1], weight_codes.shape[0], x.dtype):
         out = fp8_matmul_scaled_mm(x_codes, x_scale, weight_codes, weight_scale, x.dtype)
     else:

@@ -2,8 +2,10 @@
 
 * int8 W8A8 (`Int8Linear`): the Triton kernels of `turbo_kernels.int8_gemm` on CUDA GPUs of compute
   capability >= 8.0 with Triton >= 3.2; the exact PyTorch path of `turbo_kernels.w8a8_reference` elsewhere.
-* fp8 W8A8 (`Fp8Linear`): `torch._scaled_mm` on GPUs with FP8 tensor cores (>= 8.9); the float32 reference
-  of `turbo_kernels.fp8_linear` elsewhere.
+* fp8 W8A8 (`Fp8Linear`): `torch._scaled_mm` on GPUs with FP8 tensor cores (>= 8.9), its activations
+  quantised by the Triton kernel of `turbo_kernels.fp8_quant` (checked bit for bit against the PyTorch
+  quantiser first; PyTorch's is kept otherwise); the float32 reference of `turbo_kernels.fp8_linear`
+  elsewhere.
 
 A fast path is checked once per device against its reference on a small random problem before it is used;
 if it fails or disagrees (a Triton or driver version this was not tested with), the reference runs instead
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 
@@ -89,7 +92,9 @@ def fp8_w8a8_linear(
     x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None
 ) -> torch.Tensor:
     """FP8 W8A8 linear of a 2-D x on the fastest path that passed its self-check on x's device."""
-    return fp8_linear(x, codes, scale, bias, use_scaled_mm=_fp8_path(x.device) == "scaled_mm")
+    if _fp8_path(x.device) == "scaled_mm":
+        return fp8_linear(x, codes, scale, bias, use_scaled_mm=True, quantize=_fp8_quantizer(x.device))
+    return fp8_linear(x, codes, scale, bias, use_scaled_mm=False)
 
 
 def _capability(device: torch.device) -> tuple[int, int] | None:
@@ -122,6 +127,26 @@ def _fp8_path(device: torch.device) -> str:
         plan = _checked(plan, device, _compare_fp8)
     _log(plan, device)
     return plan.path
+
+
+@functools.cache
+def _fp8_quantizer(device: torch.device) -> Callable:
+    """The Triton activation quantiser where it equals PyTorch's on a check problem, else PyTorch's."""
+    try:
+        from ..turbo_kernels.fp8_quant import quantize_rows_e4m3_triton
+
+        x = _check_problem(device)[0]
+        codes, scale = quantize_rows_e4m3_triton(x)
+        expected_codes, expected_scale = quantize_rows_e4m3(x)
+        same = torch.equal(codes.float(), expected_codes.float()) and torch.equal(scale, expected_scale)
+    except Exception as failure:  # compiler or Triton-version failures mean "do not use"
+        logger.info("fp8 linears: Triton activation quantiser unavailable on %s (%r)", device, failure)
+        return quantize_rows_e4m3
+    if not same:
+        logger.warning("fp8 linears: Triton activation quantiser disagrees on %s; using PyTorch's", device)
+        return quantize_rows_e4m3
+    logger.info("fp8 linears: Triton activation quantiser on %s", device)
+    return quantize_rows_e4m3_triton
 
 
 def _log(plan: LinearPlan, device: torch.device) -> None:
@@ -167,5 +192,5 @@ def _compare_int8(device: torch.device) -> float:
 def _compare_fp8(device: torch.device) -> float:
     x, weight, bias = _check_problem(device)
     codes, scale = quantize_rows_e4m3(weight)
-    fast = fp8_linear(x, codes, scale, bias, use_scaled_mm=True)
+    fast = fp8_linear(x, codes, scale, bias, use_scaled_mm=True, quantize=_fp8_quantizer(device))
     return _relative_error(fast, fp8_linear(x, codes, scale, bias, use_scaled_mm=False))
