@@ -98,6 +98,10 @@ def test_cuda_graph_runner_bookkeeping(bf16_file, monkeypatch):
         assert torch.equal(model(*first), eager.to(torch.float32)(*first))
         assert len(graphs) == 3
 
+    with torch.inference_mode():  # ComfyUI runs nodes so; its buffers could not be written under no_grad
+        assert torch.equal(model(*first), eager(*first))
+    assert len(graphs) == 4
+
 
 def test_cuda_graph_runner_refuses_block_swap(bf16_file):
     from comfyui_turbodiffusion.wan_models.block_swap import enable_block_swap

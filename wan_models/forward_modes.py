@@ -87,7 +87,9 @@ class CudaGraphRunner:
             self._say_once(logging.INFO, f"cudagraphs: {reason}; running eagerly")
             return self.model.compute(x, t, context, y)
         inputs = (x, t, context, y)
+        # Buffers made under inference mode cannot be written outside it: one graph per mode.
         key = tuple(None if v is None else (tuple(v.shape), v.dtype, v.device) for v in inputs)
+        key += (torch.is_inference_mode_enabled(),)
         weights = self._weight_addresses()
         entry = self._graphs.get(key)
         if entry is not None and entry.weights != weights:
