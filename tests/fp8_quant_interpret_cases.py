@@ -8,21 +8,17 @@ compared as numbers: the interpreter's rounding emulation returns +0 where e4m3 
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 from comfyui_turbodiffusion.turbo_kernels.fp8_linear import quantize_rows_e4m3
+from triton_children import interpreted_kernels
 
 E4M3_MAX = 448.0
 
 
 @pytest.fixture(scope="module")
 def kernels():
-    assert os.environ.get("TRITON_INTERPRET") == "1", "run through tests/test_fp8_quant_interpret.py"
-    from comfyui_turbodiffusion.turbo_kernels import fp8_quant
-
-    return fp8_quant
+    return interpreted_kernels("fp8_quant", "test_fp8_quant_interpret.py")
 
 
 def _activations(rows, columns, dtype, seed=0):

@@ -6,17 +6,12 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
-import tempfile
-from pathlib import Path
 
-import triton
 from comfyui_turbodiffusion.turbo_kernels import fp8_quant, fused_norms
-from triton.backends.compiler import GPUTarget
-from triton.backends.nvidia.compiler import get_ptxas
+from ptx_compile import compile_for, ptxas_usage
 from triton.compiler import ASTSource
 
-TARGETS = {80: "sm_80", 90: "sm_90a"}
+CAPABILITIES = (80, 90)
 # Row widths of the 1.3B (1536) and 14B (5120) models: padded blocks and warps as the wrappers launch them.
 WIDTHS = {1536: (2048, 4), 5120: (8192, 8)}
 LAYER_NORM = {
@@ -64,22 +59,13 @@ def compile_report(kernel, signature: dict, constexprs: dict, warps: int, capabi
     flag = "INTERPRET" if "INTERPRET" in signature else "SOFTWARE_BF16"
     source = ASTSource(kernel, signature, {**constexprs, flag: False}, aligned)
     options = {"num_warps": warps, "enable_fp_fusion": False}
-    compiled = triton.compile(source, target=GPUTarget("cuda", capability, 32), options=options)
-    ptx = compiled.asm["ptx"]
-    with tempfile.TemporaryDirectory() as folder:
-        path = Path(folder) / "kernel.ptx"
-        path.write_text(ptx)
-        ptxas = [get_ptxas(capability).path, "-v", f"-arch={TARGETS[capability]}", str(path)]
-        report = subprocess.run(ptxas, capture_output=True, text=True, cwd=folder).stderr
-    spills = re.search(r"(\d+) bytes spill stores", report)
-    registers = re.search(r"Used (\d+) registers", report)
+    ptx = compile_for(source, capability, options).asm["ptx"]
     return {
         "fma": "fma.rn.f32" in ptx,
         "div_rn": "div.rn.f32" in ptx,
         "e4m3_cvt": "cvt.rn.satfinite.e4m3x2.f32" in ptx,
         "vector_loads": bool(re.search(r"ld\.global(\.\w+)*\.v[24]", ptx)),
-        "spill_bytes": int(spills.group(1)) if spills else None,
-        "registers": int(registers.group(1)) if registers else None,
+        **ptxas_usage(ptx, capability),
     }
 
 
@@ -104,7 +90,7 @@ def main() -> None:
     results = {}
     for name, (kernel, signature, flags) in variants.items():
         for width, (block, warps) in WIDTHS.items():
-            for capability in TARGETS:
+            for capability in CAPABILITIES:
                 if kernel is fused_norms._layer_norm_kernel:
                     constexprs = {**defaults, **flags, "BLOCK": block}
                 elif kernel is fused_norms._rms_norm_rope_kernel:

@@ -17,11 +17,11 @@ Flips are rare (the float32 error is ~2^-16 of a bf16 ulp), so at least 99 % of 
 from __future__ import annotations
 
 import math
-import os
 
 import pytest
 import torch
 import torch.nn.functional as F
+from triton_children import interpreted_kernels
 
 EPS = 1e-6
 MANTISSA_BITS = {torch.bfloat16: 7, torch.float16: 10}
@@ -30,10 +30,7 @@ WIDTHS = (96, 200, 1536)
 
 @pytest.fixture(scope="module")
 def kernels():
-    assert os.environ.get("TRITON_INTERPRET") == "1", "run through tests/test_fused_norms_interpret.py"
-    from comfyui_turbodiffusion.turbo_kernels import fused_norms
-
-    return fused_norms
+    return interpreted_kernels("fused_norms", "test_fused_norms_interpret.py")
 
 
 def _inputs(batch, tokens, width, dtype, seed=0):

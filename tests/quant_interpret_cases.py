@@ -8,20 +8,16 @@ are interpretable; a process that imported it first cannot interpret kernels).""
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 from comfyui_turbodiffusion.turbo_kernels.w8a8_reference import quantize_tiles, w8a8_linear
 from quant_formulas import int8_linear_f64, int8_tile_quantize_f64, relative_l2
+from triton_children import interpreted_kernels
 
 
 @pytest.fixture(scope="module")
 def kernels():
-    assert os.environ.get("TRITON_INTERPRET") == "1", "run through tests/test_quant_triton_interpret.py"
-    from comfyui_turbodiffusion.turbo_kernels import int8_gemm
-
-    return int8_gemm
+    return interpreted_kernels("int8_gemm", "test_quant_triton_interpret.py")
 
 
 def _problem(rows, depth, columns, dtype, seed=0):

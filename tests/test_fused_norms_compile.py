@@ -6,22 +6,15 @@ runs in a child process (see tests/fused_norms_compile_check.py)."""
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
+from triton_children import json_report
 
 pytest.importorskip("triton.backends.nvidia.compiler")
-CHECK = Path(__file__).with_name("fused_norms_compile_check.py")
 
 
 @pytest.fixture(scope="module")
 def report() -> dict:
-    result = subprocess.run([sys.executable, str(CHECK)], capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-4000:]
-    return json.loads(result.stdout.splitlines()[-1])
+    return json_report("fused_norms_compile_check.py")
 
 
 def test_every_variant_compiles_without_spills_or_fma(report):

@@ -5,21 +5,11 @@ cannot run kernels."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
+from triton_children import run_interpreted_cases
 
 pytest.importorskip("triton")
-ROOT = Path(__file__).resolve().parents[1]
-CASES = ROOT / "tests" / "fused_norms_interpret_cases.py"
 
 
 def test_fused_norm_kernels_under_the_interpreter():
-    env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(CASES)]
-    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-2000:]
-    assert " passed" in result.stdout and "failed" not in result.stdout
+    run_interpreted_cases("fused_norms_interpret_cases.py")

@@ -8,24 +8,15 @@ the linear branch; GPU numerics are checked by bench/attention.py on the lent GP
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
+from triton_children import INTERPRETER, json_report
 
 pytest.importorskip("triton")
 
 
 @pytest.fixture(scope="module")
 def measured() -> dict:
-    script = Path(__file__).resolve().parent / "attention_interpret_cases.py"
-    env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=900)
-    assert done.returncode == 0, done.stderr[-4000:]
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return json_report("attention_interpret_cases.py", INTERPRETER, timeout=900)
 
 
 def test_prepass_quantises_exactly_like_the_reference(measured):

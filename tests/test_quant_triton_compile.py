@@ -5,22 +5,15 @@ The compilation runs in a child process (see tests/quant_compile_check.py)."""
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
+from triton_children import json_report
 
 pytest.importorskip("triton.backends.nvidia.compiler")
-CHECK = Path(__file__).with_name("quant_compile_check.py")
 
 
 @pytest.fixture(scope="module")
 def report() -> dict:
-    result = subprocess.run([sys.executable, str(CHECK)], capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr
-    return json.loads(result.stdout.splitlines()[-1])
+    return json_report("quant_compile_check.py")
 
 
 @pytest.mark.parametrize("capability", ["80", "89", "90"])

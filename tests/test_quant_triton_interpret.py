@@ -4,21 +4,11 @@ mode by other tests, and then its interpreter cannot run kernels."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
+from triton_children import run_interpreted_cases
 
 pytest.importorskip("triton")
-ROOT = Path(__file__).resolve().parents[1]
-CASES = ROOT / "tests" / "quant_interpret_cases.py"
 
 
 def test_triton_w8a8_kernels_under_the_interpreter():
-    env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(CASES)]
-    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-2000:]
-    assert " passed" in result.stdout and "failed" not in result.stdout
+    run_interpreted_cases("quant_interpret_cases.py")

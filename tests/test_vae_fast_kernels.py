@@ -11,30 +11,15 @@ copies, so it must be exact.
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
+from triton_children import TESTS, json_report
 
-TESTS = Path(__file__).resolve().parent
 TOLERANCES = {"torch.float32": 20.0, "torch.bfloat16": 2.0}
 
 
 @pytest.fixture(scope="module")
 def errors() -> dict[str, dict[str, float]]:
-    environment = os.environ | {"TRITON_INTERPRET": "1", "PYTHONPATH": str(TESTS)}
-    result = subprocess.run(
-        [sys.executable, str(TESTS / "vae_kernel_checks.py")],
-        env=environment,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    return json.loads(result.stdout.strip().splitlines()[-1])
+    return json_report("vae_kernel_checks.py", {"TRITON_INTERPRET": "1", "PYTHONPATH": str(TESTS)})
 
 
 @pytest.mark.parametrize("dtype", list(TOLERANCES))

@@ -1,0 +1,36 @@
+"""Compiling a Triton kernel for a GPU target on a machine without a GPU (Triton's wheel ships ptxas), for the
+compile-only checks (tests/*_compile_check.py), which run as child processes."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import tempfile
+from pathlib import Path
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.backends.nvidia.compiler import get_ptxas
+from triton.compiler import ASTSource
+
+ARCHITECTURES = {80: "sm_80", 89: "sm_89", 90: "sm_90a"}
+
+
+def compile_for(source: ASTSource, capability: int, options: dict):
+    """The compiled kernel for compute capability `capability` (8.0 as 80); its `asm` holds PTX and TTGIR."""
+    return triton.compile(source, target=GPUTarget("cuda", capability, 32), options=options)
+
+
+def ptxas_usage(ptx: str, capability: int) -> dict:
+    """Spill bytes and registers per thread that ptxas reports for the PTX (None where it says nothing)."""
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "kernel.ptx"
+        path.write_text(ptx)
+        ptxas = [get_ptxas(capability).path, "-v", f"-arch={ARCHITECTURES[capability]}", str(path)]
+        report = subprocess.run(ptxas, capture_output=True, text=True, cwd=folder).stderr
+    spills = re.search(r"(\d+) bytes spill stores", report)
+    registers = re.search(r"Used (\d+) registers", report)
+    return {
+        "spill_bytes": int(spills.group(1)) if spills else None,
+        "registers": int(registers.group(1)) if registers else None,
+    }
