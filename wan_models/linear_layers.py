@@ -42,14 +42,27 @@ def quantizes_activations(activations: str, dtype: torch.dtype) -> bool:
 
 
 class _QuantisedLinear(nn.Module):
-    """Shared shape bookkeeping and forward of the int8 and fp8 layers (buffers only, no parameters)."""
+    """Shared construction, shape bookkeeping and forward of the int8 and fp8 layers (buffers only, no
+    parameters): a subclass registers its weight buffers in `register_weight`, the bias follows them."""
 
-    def __init__(self, in_features: int, out_features: int, activations: str) -> None:
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        device: torch.device | str | None = None,
+        bias_dtype: torch.dtype = torch.bfloat16,
+        activations: str = "auto",
+    ) -> None:
         super().__init__()
         quantizes_activations(activations, torch.bfloat16)  # validates the mode
         self.in_features = in_features
         self.out_features = out_features
         self.activations = activations
+        self.register_weight(device)
+        self.register_buffer(
+            "bias", torch.empty(out_features, dtype=bias_dtype, device=device) if bias else None
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features)
@@ -60,6 +73,9 @@ class _QuantisedLinear(nn.Module):
             if self.bias is not None:
                 out = out + self.bias.to(out.dtype)
         return out.reshape(*x.shape[:-1], self.out_features)
+
+    def register_weight(self, device: torch.device | str | None) -> None:
+        raise NotImplementedError
 
     def w8a8(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -82,24 +98,11 @@ class Int8Linear(_QuantisedLinear):
     also cast the float32 scales.
     """
 
-    def __init__(
-        self,
-        in_features: int,
-        out_features: int,
-        bias: bool = True,
-        device: torch.device | str | None = None,
-        bias_dtype: torch.dtype = torch.bfloat16,
-        activations: str = "auto",
-    ) -> None:
-        super().__init__(in_features, out_features, activations)
-        scale_shape = (math.ceil(out_features / INT8_TILE), math.ceil(in_features / INT8_TILE))
-        self.register_buffer(
-            "int8_weight", torch.empty(out_features, in_features, dtype=torch.int8, device=device)
-        )
+    def register_weight(self, device: torch.device | str | None) -> None:
+        rows, columns = self.out_features, self.in_features
+        scale_shape = (math.ceil(rows / INT8_TILE), math.ceil(columns / INT8_TILE))
+        self.register_buffer("int8_weight", torch.empty(rows, columns, dtype=torch.int8, device=device))
         self.register_buffer("scale", torch.empty(scale_shape, dtype=torch.float32, device=device))
-        self.register_buffer(
-            "bias", torch.empty(out_features, dtype=bias_dtype, device=device) if bias else None
-        )
 
     def w8a8(self, x: torch.Tensor) -> torch.Tensor:
         return int8_linear(x, self.int8_weight, self.scale, self.bias)
@@ -115,21 +118,10 @@ class Fp8Linear(_QuantisedLinear):
     weight_scale[n]. In "w8a8" mode activations get one e4m3 scale per token (`turbo_kernels.fp8_linear`).
     """
 
-    def __init__(
-        self,
-        in_features: int,
-        out_features: int,
-        bias: bool = True,
-        device: torch.device | str | None = None,
-        bias_dtype: torch.dtype = torch.bfloat16,
-        activations: str = "auto",
-    ) -> None:
-        super().__init__(in_features, out_features, activations)
-        self.register_buffer("weight", torch.empty(out_features, in_features, dtype=E4M3, device=device))
-        self.register_buffer("weight_scale", torch.empty(out_features, dtype=torch.float32, device=device))
-        self.register_buffer(
-            "bias", torch.empty(out_features, dtype=bias_dtype, device=device) if bias else None
-        )
+    def register_weight(self, device: torch.device | str | None) -> None:
+        rows, columns = self.out_features, self.in_features
+        self.register_buffer("weight", torch.empty(rows, columns, dtype=E4M3, device=device))
+        self.register_buffer("weight_scale", torch.empty(rows, dtype=torch.float32, device=device))
 
     def w8a8(self, x: torch.Tensor) -> torch.Tensor:
         return fp8_w8a8_linear(x, self.weight, self.weight_scale, self.bias)
