@@ -33,6 +33,7 @@ from torch import nn
 
 from .vae_fast import (
     BufferedCausalCache,
+    LayerHistory,
     cudnn_benchmark,
     latent_chunks,
     memory_format_for,
@@ -88,21 +89,9 @@ class CausalConv3d(nn.Conv3d):
         return F.conv3d(x, self.weight, self.bias if add_bias else None, self.stride)
 
 
-class CausalCache:
+class CausalCache(LayerHistory):
     """What each causal layer remembers of the previous time chunk of one clip, and how the layers run:
     as the reference implementations do (`vae_fast.BufferedCausalCache` is the fast twin)."""
-
-    def __init__(self) -> None:
-        self._history: dict[nn.Module, torch.Tensor | None] = {}
-
-    def seen(self, layer: nn.Module) -> bool:
-        return layer in self._history
-
-    def history(self, layer: nn.Module) -> torch.Tensor | None:
-        return self._history.get(layer)
-
-    def remember(self, layer: nn.Module, frames: torch.Tensor | None) -> None:
-        self._history[layer] = frames
 
     def conv(self, conv: CausalConv3d, x: torch.Tensor, add_bias: bool = True) -> torch.Tensor:
         """Run `conv` on this chunk with the previous chunk's last input frames in front."""

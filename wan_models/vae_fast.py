@@ -72,11 +72,10 @@ def video_chunks(frames: int, frames_per_chunk: int, temporal_factor: int) -> li
     return [(0, 1)] + [(start, min(start + step, frames)) for start in range(1, frames, step)]
 
 
-class BufferedCausalCache:
-    """What each causal layer remembers of the previous chunk; buffered convolutions (module docstring)."""
+class LayerHistory:
+    """What each causal layer remembers of the previous time chunk of one clip (both caches keep it so)."""
 
-    def __init__(self, memory_format: torch.memory_format) -> None:
-        self.memory_format = memory_format
+    def __init__(self) -> None:
         self._history: dict[nn.Module, torch.Tensor | None] = {}
 
     def seen(self, layer: nn.Module) -> bool:
@@ -87,6 +86,14 @@ class BufferedCausalCache:
 
     def remember(self, layer: nn.Module, frames: torch.Tensor | None) -> None:
         self._history[layer] = frames
+
+
+class BufferedCausalCache(LayerHistory):
+    """What each causal layer remembers of the previous chunk; buffered convolutions (module docstring)."""
+
+    def __init__(self, memory_format: torch.memory_format) -> None:
+        super().__init__()
+        self.memory_format = memory_format
 
     def conv(self, conv: nn.Conv3d, x: torch.Tensor, add_bias: bool = True) -> torch.Tensor:
         return self.norm_conv(None, conv, x, add_bias=add_bias)
