@@ -159,18 +159,11 @@ def load_dit(
     `set_forward_mode` changes it later.
     """
     path = Path(path)
-    target_storage(linear_quant, "dense")  # validates the option before the file is read
-    if forward_mode not in FORWARD_MODES:
-        raise ValueError(f"unknown forward_mode {forward_mode!r}; choose one of {', '.join(FORWARD_MODES)}")
+    _check_options(linear_quant, forward_mode)  # before the file is read
+    device = torch.device(device)
     try:
         model = _load(
-            path,
-            torch.device(device),
-            dtype,
-            attention,
-            sla_topk,
-            linear_quant,
-            torch.device(quantize_device) if quantize_device is not None else torch.device(device),
+            path, device, dtype, attention, sla_topk, linear_quant, _quantize_device(quantize_device, device)
         )
     except CheckpointError as error:
         raise CheckpointError(f"{path.name}: {error}") from None
@@ -208,16 +201,24 @@ def dit_from_state_dict(
     """`load_dit` for a state dict already in memory (any layout `load_dit` reads; safetensors `metadata`
     for ComfyUI fp8 files). Tensors that need no conversion are used as they are, not copied, so several
     models (or another implementation) can share one set of weights."""
-    target_storage(linear_quant, "dense")
-    if forward_mode not in FORWARD_MODES:
-        raise ValueError(f"unknown forward_mode {forward_mode!r}; choose one of {', '.join(FORWARD_MODES)}")
+    _check_options(linear_quant, forward_mode)
     device = torch.device(device)
-    quantize_device = torch.device(quantize_device) if quantize_device is not None else device
+    quantize_device = _quantize_device(quantize_device, device)
     model = _from_state(
         state, metadata or {}, device, dtype, attention, sla_topk, linear_quant, quantize_device
     )
     set_forward_mode(model, forward_mode)
     return model
+
+
+def _check_options(linear_quant: str, forward_mode: str) -> None:
+    target_storage(linear_quant, "dense")  # validates the option
+    if forward_mode not in FORWARD_MODES:
+        raise ValueError(f"unknown forward_mode {forward_mode!r}; choose one of {', '.join(FORWARD_MODES)}")
+
+
+def _quantize_device(quantize_device: str | torch.device | None, device: torch.device) -> torch.device:
+    return torch.device(quantize_device) if quantize_device is not None else device
 
 
 def _load(
