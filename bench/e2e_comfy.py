@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import importlib.util
-import io
 import logging
 import math
 import re
@@ -26,6 +25,10 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.append(str(ROOT / "tests"))  # the tiny-model helpers shared with the tests
+
+from sentencepiece_model import train_unigram_tokenizer  # noqa: E402
+
 TIMING_LINE = re.compile(r"TurboDiffusion timing: (.+) ([0-9.]+) s(?: \((.*)\))?$")
 TOKENIZER_TEXT = (
     "A red fox runs through a snowy forest at dawn, cinematic lighting, shallow depth of field.",
@@ -68,24 +71,7 @@ class StageTimings(logging.Handler):
 
 
 def tokenizer_bytes() -> bytes:
-    import sentencepiece
-
-    model = io.BytesIO()
-    sentencepiece.SentencePieceTrainer.train(
-        sentence_iterator=iter([f"{text} {i}" for i in range(30) for text in TOKENIZER_TEXT]),
-        model_writer=model,
-        vocab_size=300,
-        model_type="unigram",
-        pad_id=0,
-        eos_id=1,
-        unk_id=2,
-        bos_id=-1,
-        byte_fallback=True,
-        character_coverage=1.0,
-        hard_vocab_limit=False,
-        minloglevel=2,
-    )
-    return model.getvalue()
+    return train_unigram_tokenizer([f"{text} {i}" for i in range(30) for text in TOKENIZER_TEXT], 300)
 
 
 def write_text_encoder(path: Path, shape: dict, device: str, seed: int = 1) -> None:
