@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .sage_prepass import interpreting
+from .interpreter import interpreting
 
 _SCORE_TILE = 64
 

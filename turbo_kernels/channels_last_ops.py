@@ -25,12 +25,12 @@ tests/test_vae_fast_kernels.py checks them against float64 formulas.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
+
+from .interpreter import interpreting
 
 EPS = 1e-12  # F.normalize's default, as in the Wan RMS_norm
 # Elements per program (rows = this / padded channels): 16 KiB of fp32 in flight, enough to saturate
@@ -175,7 +175,7 @@ def upsample_nearest2x(x: torch.Tensor) -> torch.Tensor:
 
 
 def _use_kernels(x: torch.Tensor) -> bool:
-    return x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
+    return x.is_cuda or interpreting()
 
 
 def _blocks(channels: int) -> tuple[int, int]:

@@ -17,13 +17,12 @@ per device and keeps PyTorch's if they differ. Not yet timed on a GPU.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
 from .fp8_linear import AMAX_FLOOR, E4M3, E4M3_MAX
+from .interpreter import interpreting
 from .sage_prepass import to_e4m3
 
 MAX_ROW = 16384
@@ -59,7 +58,6 @@ def quantize_rows_e4m3_triton(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
     if rows == 0 or columns == 0:
         return codes, scale
     block = triton.next_power_of_2(columns)
-    interpret = os.environ.get("TRITON_INTERPRET", "0") == "1"
     _quantize_rows_kernel[(rows,)](
         x,
         codes,
@@ -67,7 +65,7 @@ def quantize_rows_e4m3_triton(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
         columns,
         x.stride(0),
         BLOCK=block,
-        INTERPRET=interpret,
+        INTERPRET=interpreting(),
         num_warps=4 if block <= 2048 else 8,
         enable_fp_fusion=False,
     )

@@ -39,19 +39,15 @@ kernels round onto the bf16 grid with integer operations first (`SOFTWARE_BF16`)
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
+from .interpreter import interpreting
+
 MAX_WIDTH = 16384
 # Rows up to this many (padded) elements use 4 warps (16 elements a thread); wider ones 8.
 FOUR_WARP_WIDTH = 2048
-
-
-def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 @triton.jit

@@ -40,13 +40,13 @@ and the sum once instead of twice.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
+from .interpreter import interpreting
 from .w8a8_reference import AMAX_FLOOR, QUANT_LEVELS, TILE, tile_grid
 
 # 1.5·2^23: adding it to a float32 |v| <= 2^22 leaves a number whose unit in the last place is 1, so the add
@@ -56,11 +56,6 @@ ROUND_MAGIC = tl.constexpr(12582912.0)
 _AMAX_FLOOR = tl.constexpr(AMAX_FLOOR)
 _QUANT_LEVELS = tl.constexpr(QUANT_LEVELS)
 _INVERSE_LEVELS = tl.constexpr(1.0 / QUANT_LEVELS)  # 2^-7: multiplying by it is exact
-
-
-def interpreting() -> bool:
-    """True when Triton runs kernels on the CPU interpreter (TRITON_INTERPRET=1)."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 @dataclass(frozen=True)

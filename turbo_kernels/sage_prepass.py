@@ -27,22 +27,17 @@ bench/attention.py. Note: Triton's fp32 division is not IEEE-rounded on the GPU;
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
+from .interpreter import interpreting
 from .sla_reference import LOG2E, V_FP8_MAX, SageRecipe
 
 _V_TILE = 64
 _V_PAD = 128  # L_pad multiple; also a multiple of every BLOCK_N the attention kernel uses
-
-
-def interpreting() -> bool:
-    """True when Triton runs kernels on the CPU interpreter (bf16 dots must then be done in fp32)."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def _strides_bhl(x: torch.Tensor) -> tuple[int, int, int]:

@@ -38,7 +38,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .sage_prepass import SagePrepared, interpreting, to_e4m3
+from .interpreter import interpreting
+from .sage_prepass import SagePrepared, to_e4m3
 from .sla_reference import LOG2E
 
 try:
