@@ -183,6 +183,13 @@ def _rows(x: torch.Tensor, name: str = "x") -> tuple[int, int, int]:
     return x.numel() // x.shape[-1], tokens, x.shape[-1]
 
 
+def _check_like_x(other: torch.Tensor, x: torch.Tensor, name: str) -> None:
+    """A second row operand (residual, y) must be laid out as x: same shape and dtype, contiguous."""
+    _rows(other, name)
+    if other.shape != x.shape or other.dtype != x.dtype:
+        raise ValueError(f"{name} {tuple(other.shape)} {other.dtype} must match x {tuple(x.shape)} {x.dtype}")
+
+
 def _per_sample(vector: torch.Tensor, x: torch.Tensor, name: str) -> int:
     """Batch stride of a per-sample vector [B, 1, C] / [B, C] (any batch stride, unit channel stride)."""
     batch = x.shape[0] if x.dim() == 3 else 1
@@ -226,11 +233,7 @@ def layer_norm_triton(
     if gate is not None and residual is None:
         raise ValueError("a gate needs a residual")
     if residual is not None:
-        _rows(residual, "residual")
-        if residual.shape != x.shape or residual.dtype != x.dtype:
-            raise ValueError(
-                f"residual {tuple(residual.shape)} {residual.dtype} must match x {tuple(x.shape)} {x.dtype}"
-            )
+        _check_like_x(residual, x, "residual")
     vectors = {"gate": gate, "shift": shift, "scale": scale}
     strides = {_per_sample(v, x, name) for name, v in vectors.items() if v is not None}
     if len(strides) > 1:
@@ -305,9 +308,7 @@ def rms_norm_rope_triton(
 def gated_add_triton(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
     """x + y·T(gate) as T operations, x and y [B, L, C] of dtype T, gate float32 [B, 1, C]."""
     rows, tokens, width = _rows(x)
-    _rows(y, "y")
-    if y.shape != x.shape or y.dtype != x.dtype:
-        raise ValueError(f"y {tuple(y.shape)} {y.dtype} must match x {tuple(x.shape)} {x.dtype}")
+    _check_like_x(y, x, "y")
     out = torch.empty_like(x)
     block = triton.next_power_of_2(width)
     _gated_add_kernel[(rows,)](
