@@ -228,17 +228,13 @@ class TD_DecodeAndSaveVideo:
         path, preview = _output_file(filename_prefix, format, batch * width * 8, height * 8)
         encoder = background_writer(path, fps, format, crf, _metadata(prompt, extra_pnginfo))
         progress = comfy.utils.ProgressBar(latent.shape[2])
-        try:
-            with timed_stage("VAE decoding (encoding alongside)", vae.load_device):
-                vae.network.decode(
-                    latent,
-                    callback=lambda done, total: progress.update_absolute(done, total),
-                    vram_budget_gib=vram_budget_gb or None,
-                    on_chunk=encoder.add,
-                )
-        except BaseException:
-            encoder.abort()
-            raise
+        with encoder.aborted_on_error(), timed_stage("VAE decoding (encoding alongside)", vae.load_device):
+            vae.network.decode(
+                latent,
+                callback=lambda done, total: progress.update_absolute(done, total),
+                vram_budget_gib=vram_budget_gb or None,
+                on_chunk=encoder.add,
+            )
         with timed_stage("video encoding (after decoding)"):
             encoder.finish()
         return {"ui": {"images": [preview], "animated": [True]}}

@@ -178,12 +178,8 @@ def _sample_and_decode(
             video = vae.decode(latent.to(module_device(vae)))
         return latent, video, stats, None
     encoder = video_file()
-    try:
-        with clock.stage("vae_decoding"):
-            video = vae.decode(latent.to(module_device(vae)), on_chunk=encoder.add)
-    except BaseException:
-        encoder.abort()
-        raise
+    with encoder.aborted_on_error(), clock.stage("vae_decoding"):
+        video = vae.decode(latent.to(module_device(vae)), on_chunk=encoder.add)
     with clock.stage("video_encoding"):
         path = encoder.finish()
     return latent, video, stats, path

@@ -19,6 +19,7 @@ import contextlib
 import json
 import os
 from collections import deque
+from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from fractions import Fraction
 from pathlib import Path
@@ -140,7 +141,8 @@ class BackgroundVideoWriter:
 
     `add(first_frame, chunk)` takes a chunk [N, 3, f, H, W] in [-1, 1] whose frames follow the previous ones
     (the signature of `WanVAE.decode`'s `on_chunk`); `finish()` returns the path once the file is complete;
-    `abort()` stops and deletes it. Errors of the worker surface in `add` or `finish`.
+    `abort()` stops and deletes it. Errors of the worker surface in `add` or `finish`. `aborted_on_error()`
+    guards the block that feeds `add`: if it raises, the writer is aborted.
     """
 
     def __init__(self, writer: VideoFileWriter) -> None:
@@ -185,6 +187,14 @@ class BackgroundVideoWriter:
         self._worker.shutdown(wait=True, cancel_futures=True)
         self._pending.clear()
         self.writer.abort()
+
+    @contextlib.contextmanager
+    def aborted_on_error(self) -> Iterator[None]:
+        try:
+            yield
+        except BaseException:
+            self.abort()
+            raise
 
     def _copy_stream(self, device: torch.device) -> torch.cuda.Stream:
         if device not in self._copy_streams:
