@@ -103,6 +103,17 @@ def diffusers_forward(model, x, t, context, y=None) -> torch.Tensor:
         return model(hidden, t, context, return_dict=False)[0].float()
 
 
+class DiffusersNetwork(torch.nn.Module):
+    """diffusers' Wan transformer behind the `net(x, t, context, y)` call of the spec sampler."""
+
+    def __init__(self, model) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x, t, context, y=None):
+        return diffusers_forward(self.model, x, t, context, y)
+
+
 def original_name(diffusers_key: str) -> str:
     """The original / ComfyUI / TurboDiffusion name of a diffusers WanTransformer3DModel key."""
     if diffusers_key == "scale_shift_table":

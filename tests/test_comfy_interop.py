@@ -14,7 +14,7 @@ import pytest
 import torch
 from comfy_prompts import SMALL_VIDEO, assert_succeeded, i2v_prompt, probe_video, t2v_prompt
 from comfy_workflows import node_id_of
-from dit_reference import diffusers_forward
+from dit_reference import DiffusersNetwork
 from PIL import Image
 from pipeline_mocks import spec_sample
 from pipeline_torchvision import import_transforms_v2
@@ -26,17 +26,6 @@ pytestmark = pytest.mark.comfy
 # Characters outside the tiny tokenizer's vocabulary are tokenized differently by SentencePiece's byte
 # fallback and by transformers' converted tokenizer; the prompt sticks to what the tokenizer was trained on.
 PROMPT = TRAINING_PROMPTS[0]
-
-
-class DiffusersNetwork(torch.nn.Module):
-    """diffusers' Wan transformer behind the `net(x, t, context, y)` call of the spec sampler."""
-
-    def __init__(self, model) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, x, t, context, y=None):
-        return diffusers_forward(self.model, x, t, context, y)
 
 
 def _node(class_type: str, **inputs) -> dict:

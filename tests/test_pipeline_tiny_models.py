@@ -14,7 +14,7 @@ from comfyui_turbodiffusion.wan_models import generate_i2v, generate_t2v, load_d
 from comfyui_turbodiffusion.wan_models.sampler import SamplingStats
 from dit_reference import (
     TINY,
-    diffusers_forward,
+    DiffusersNetwork,
     make_diffusers_model,
     to_original_layout,
     to_turbodiffusion_layout,
@@ -26,17 +26,6 @@ from vae_reference import random_original_state_dict
 
 SHAPE = (2, 16, 2, 4, 6)  # two samples, 5 frames of 48x32 pixels
 HIGH_SEED, LOW_SEED, T2V_SEED = 11, 12, 10
-
-
-class DiffusersNetwork(torch.nn.Module):
-    """diffusers' Wan transformer behind the `model(x, t, context, y)` call of the spec loop."""
-
-    def __init__(self, model) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, x, t, context, y=None):
-        return diffusers_forward(self.model, x, t, context, y)
 
 
 @pytest.fixture(scope="module")
