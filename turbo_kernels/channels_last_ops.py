@@ -27,10 +27,9 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-import triton
-import triton.language as tl
 
 from .interpreter import interpreting
+from .triton_compat import TRITON_AVAILABLE, tl, triton
 
 EPS = 1e-12  # F.normalize's default, as in the Wan RMS_norm
 # Elements per program (rows = this / padded channels): 16 KiB of fp32 in flight, enough to saturate
@@ -175,7 +174,7 @@ def upsample_nearest2x(x: torch.Tensor) -> torch.Tensor:
 
 
 def _use_kernels(x: torch.Tensor) -> bool:
-    return x.is_cuda or interpreting()
+    return TRITON_AVAILABLE and (x.is_cuda or interpreting())
 
 
 def _blocks(channels: int) -> tuple[int, int]:
