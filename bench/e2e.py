@@ -202,7 +202,7 @@ def run_size(size: str, args, device: str, results: dict) -> dict | None:
     if "reference" in args.skip:
         reason = "skipped by --skip"
     if reason is None:
-        net = e2e_reference.build_reference(size, state, SLA_TOPK)
+        net = e2e_reference.build_reference(size, state, SLA_TOPK, fast_norms=args.reference_norms == "fast")
         with torch.no_grad():
             timesteps = t0[:, None].to(x0.dtype)
             velocities["reference"] = net(
@@ -372,6 +372,12 @@ def main() -> None:
     parser.add_argument("--sizes", default="1.3b,14b")
     parser.add_argument("--variants", default="", help="e.g. 1.3b=eager,graphs;14b=eager,int8")
     parser.add_argument("--skip", default="", help="comma list of: reference, comfy")
+    parser.add_argument(
+        "--reference-norms",
+        default="fast",
+        choices=("fast", "default"),
+        help="the reference's FastNorm Triton kernels (its default) or Wan's PyTorch norms (--default_norm)",
+    )
     parser.add_argument("--repeats", type=int, default=2, help="timed loops at 1.3B, and whole jobs")
     parser.add_argument("--repeats-14b", type=int, default=1, help="timed loops at 14B (about 20 s each)")
     parser.add_argument("--seed", type=int, default=0)

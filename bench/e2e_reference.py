@@ -105,15 +105,20 @@ def import_reference(compile_rotary: bool = True):
     return modify_model, note
 
 
-def build_reference(size: str, state: dict[str, torch.Tensor], sla_topk: float) -> torch.nn.Module:
+def build_reference(
+    size: str, state: dict[str, torch.Tensor], sla_topk: float, fast_norms: bool = True
+) -> torch.nn.Module:
     """The reference network with the weights `state` (keys as TurboDiffusion's checkpoints), on the GPU.
 
-    The tensors are assigned, not copied, so our models built from the same dict share them."""
+    `fast_norms=False` keeps Wan's PyTorch norms (TurboDiffusion's `--default_norm`) instead of its FastNorm
+    Triton kernels. The tensors are assigned, not copied, so our models built from the same dict share
+    them."""
     modify_model, _ = import_reference()
     with torch.device("meta"):
         net = modify_model.select_model(MODEL_NAMES[size])
     net = modify_model.replace_attention(net, attention_type="sla", sla_topk=sla_topk)
-    modify_model.replace_linear_norm(net, replace_linear=False, replace_norm=True, quantize=False)
+    if fast_norms:
+        modify_model.replace_linear_norm(net, replace_linear=False, replace_norm=True, quantize=False)
     net.load_state_dict(state, assign=True)
     return net.to("cuda").eval()
 
