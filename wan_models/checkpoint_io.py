@@ -48,6 +48,12 @@ def read_state_dict(path: str | Path, device: str | torch.device = "cpu") -> dic
     )
 
 
+def naming_file(error: CheckpointError, path: Path) -> CheckpointError:
+    """`error` with the file's name in front, once (the reader's own errors already start with it)."""
+    message = str(error)
+    return error if message.startswith(path.name) else CheckpointError(f"{path.name}: {message}")
+
+
 def read_safetensors_metadata(path: str | Path) -> dict[str, str]:
     """The `__metadata__` header of a safetensors file (empty for other containers)."""
     path = Path(path)
@@ -108,20 +114,62 @@ def _read_folder(folder: Path, device: str | torch.device) -> dict[str, torch.Te
 
 
 def _read_pickle(path: Path, device: str | torch.device) -> dict[str, torch.Tensor]:
+    zip_container = _is_zip_container(path)
+    if not zip_container and not _starts_like_a_pickle(path):
+        raise CheckpointError(f"{path.name}: {_not_a_checkpoint_message(path)}")
     try:
         # Memory-mapping needs the zip container of torch >= 1.6; older files are read whole.
-        loaded = torch.load(str(path), map_location=device, weights_only=True, mmap=_is_zip_container(path))
+        loaded = torch.load(str(path), map_location=device, weights_only=True, mmap=zip_container)
     except pickle.UnpicklingError as error:
+        blocked = _blocked_global(str(error))
+        if blocked is None:
+            raise CheckpointError(
+                f"{path.name}: the file cannot be read as a PyTorch checkpoint: it is truncated or corrupt, "
+                f"or a pickle that torch.save did not write ({_weights_only_detail(str(error))}); download "
+                f"it again or use a .safetensors version"
+            ) from error
         raise CheckpointError(
             f"{path.name}: refused to load. The file is a pickle that would run code when opened "
             f"(only plain tensor checkpoints are accepted, read with torch.load(weights_only=True)). "
-            f"Use a .safetensors version of this model instead. Detail: {str(error).splitlines()[0]}"
+            f"Use a .safetensors version of this model instead. Detail: {blocked}"
         ) from error
-    except (RuntimeError, EOFError, OSError, ValueError) as error:
+    except (RuntimeError, EOFError, OSError, ValueError, IndexError, KeyError, TypeError) as error:
+        # The weights-only unpickler fails on damaged opcode streams with whatever its stack operations raise.
         raise CheckpointError(
             f"{path.name}: the file is truncated or corrupt and cannot be read ({error}); download it again"
         ) from error
     return _unwrap_tensors(loaded, path)
+
+
+def _starts_like_a_pickle(path: Path) -> bool:
+    # Every pickle of protocol 2 or later (all torch.save files that are not zips) begins with PROTO.
+    with path.open("rb") as handle:
+        return handle.read(1) == b"\x80"
+
+
+def _not_a_checkpoint_message(path: Path) -> str:
+    with path.open("rb") as handle:
+        head = handle.read(256).lstrip().lower()
+    if head.startswith(b"version https://git-lfs"):
+        what = "a Git LFS pointer, not the model itself (fetch it with `git lfs pull` or download the file)"
+    elif head.startswith((b"<!doctype html", b"<html")):
+        what = "a web page (an HTML error or login page saved instead of the model); download the file again"
+    else:
+        what = "not a PyTorch checkpoint (neither a torch.save zip nor a pickle); download it again"
+    return f"the file is {what}"
+
+
+def _blocked_global(message: str) -> str | None:
+    """The line of torch's weights-only error naming the global the pickle wanted to call, if any."""
+    for line in message.splitlines():
+        if "GLOBAL" in line or "Unsupported global" in line:
+            return line.strip()
+    return None
+
+
+def _weights_only_detail(message: str) -> str:
+    lines = [line.strip() for line in message.splitlines() if line.strip()]
+    return next((line for line in lines if line.startswith(("Unsupported", "WeightsUnpickler"))), lines[-1])
 
 
 def _is_zip_container(path: Path) -> bool:

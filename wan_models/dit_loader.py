@@ -21,7 +21,7 @@ from torch import nn
 
 from .attention import make_self_attention, sdpa_attention
 from .block_ops import make_block_ops
-from .checkpoint_io import CheckpointError, read_safetensors_metadata, read_state_dict
+from .checkpoint_io import CheckpointError, naming_file, read_safetensors_metadata, read_state_dict
 from .config import WanDiTConfig, config_from_state_dict
 from .dit import AttentionFn, WanDiT
 from .forward_modes import FORWARD_MODES, set_forward_mode
@@ -166,7 +166,7 @@ def load_dit(
             path, device, dtype, attention, sla_topk, linear_quant, _quantize_device(quantize_device, device)
         )
     except CheckpointError as error:
-        raise CheckpointError(f"{path.name}: {error}") from None
+        raise naming_file(error, path) from None
     set_forward_mode(model, forward_mode)
     return model
 

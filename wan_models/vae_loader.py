@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint_io import CheckpointError, read_state_dict
+from .checkpoint_io import CheckpointError, naming_file, read_state_dict
 from .vae import LATENT_CHANNELS, WanVAE
 
 # Full ComfyUI checkpoints keep the VAE under "vae." (Wan models) or "first_stage_model." (the default).
@@ -136,7 +136,7 @@ def load_vae(
     try:
         return _load(path, torch.device(device), dtype)
     except CheckpointError as error:
-        raise CheckpointError(f"{path.name}: {error}") from None
+        raise naming_file(error, path) from None
 
 
 def _load(path: Path, device: torch.device, dtype: torch.dtype | None) -> WanVAE:
