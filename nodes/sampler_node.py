@@ -66,6 +66,24 @@ def _check_pairing(model: TurboPatcher, condition: torch.Tensor | None, context:
         )
 
 
+def _check_low_noise_expert(model: TurboPatcher, low_noise_model: TurboPatcher | None) -> None:
+    if low_noise_model is None:
+        return
+    if low_noise_model.network is model.network:
+        raise ValueError(
+            f"{NODE}: model and low_noise_model are the same model ('{model.label}'); load the high-noise "
+            f"expert as model and the low-noise expert (TurboWan2.2-I2V-A14B-low-720P*.pth) with a second "
+            f"TD_WanModelLoader as low_noise_model, or disconnect low_noise_model."
+        )
+    in_dim = low_noise_model.network.config.in_dim
+    if in_dim != I2V_IN_DIM:
+        raise ValueError(
+            f"{NODE}: low_noise_model '{low_noise_model.label}' is a text-to-video model (in_dim {in_dim}), "
+            f"but it takes the Wan2.2 I2V A14B low-noise expert (TurboWan2.2-I2V-A14B-low-720P*.pth); load "
+            f"that file there, or disconnect low_noise_model for text-to-video."
+        )
+
+
 def _log_sampling(stats: wan_models.SamplingStats) -> None:
     steps = stats.steps_per_model
     for label, seconds in stats.seconds_per_model.items():
@@ -162,6 +180,7 @@ class TD_RCMSampler:
         context, options = single_context(positive, NODE)
         condition = start_image_condition(options, shape, NODE)
         _check_pairing(model, condition, context)
+        _check_low_noise_expert(model, low_noise_model)
         context = pad_context_to_512(context)
         experts = [model] if low_noise_model is None else [model, low_noise_model]
         load_to_device(model)
