@@ -77,3 +77,20 @@ def test_loaders_name_the_file_once(tmp_path, loader):
     with pytest.raises(CheckpointError, match="truncated or corrupt") as error:
         loader(path)
     assert str(error.value).count("model.pth") == 1
+
+
+@pytest.mark.parametrize(
+    ("content", "expected"),
+    [
+        (
+            b"version https://git-lfs.github.com/spec/v1\noid sha256:0123\nsize 2838000000\n",
+            "Git LFS pointer",
+        ),
+        (b"<html><body>Access denied</body></html>", "web page"),
+    ],
+)
+def test_safetensors_that_are_text_say_what_they_are(tmp_path, content, expected):
+    path = tmp_path / "umt5_xxl_fp16.safetensors"
+    path.write_bytes(content)
+    with pytest.raises(CheckpointError, match=expected):
+        read_state_dict(path)

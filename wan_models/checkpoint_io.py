@@ -74,6 +74,8 @@ def _read_safetensors(path: Path, device: str | torch.device) -> dict[str, torch
     try:
         return load_file(str(path), device=str(device))
     except Exception as error:
+        if _looks_like_text(path):
+            raise CheckpointError(f"{path.name}: {_not_a_checkpoint_message(path)}") from error
         raise CheckpointError(
             f"{path.name}: the safetensors file is truncated or corrupt ({error}); download it again"
         ) from error
@@ -147,9 +149,13 @@ def _starts_like_a_pickle(path: Path) -> bool:
         return handle.read(1) == b"\x80"
 
 
-def _not_a_checkpoint_message(path: Path) -> str:
+def _text_head(path: Path) -> bytes:
     with path.open("rb") as handle:
-        head = handle.read(256).lstrip().lower()
+        return handle.read(256).lstrip().lower()
+
+
+def _not_a_checkpoint_message(path: Path) -> str:
+    head = _text_head(path)
     if head.startswith(b"version https://git-lfs"):
         what = "a Git LFS pointer, not the model itself (fetch it with `git lfs pull` or download the file)"
     elif head.startswith((b"<!doctype html", b"<html")):
@@ -157,6 +163,11 @@ def _not_a_checkpoint_message(path: Path) -> str:
     else:
         what = "not a PyTorch checkpoint (neither a torch.save zip nor a pickle); download it again"
     return f"the file is {what}"
+
+
+def _looks_like_text(path: Path) -> bool:
+    """A Git LFS pointer or a web page saved under a model's name."""
+    return _text_head(path).startswith((b"version https://git-lfs", b"<!doctype html", b"<html"))
 
 
 def _blocked_global(message: str) -> str | None:
