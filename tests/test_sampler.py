@@ -274,6 +274,13 @@ def test_context_batch_must_be_one_or_the_sample_batch():
         rcm_sample(MockVelocity(seed=1), _context(batch=3), SHAPE)
 
 
+def test_context_width_must_match_the_model_and_the_message_shows_the_given_shape():
+    context = _context()
+    narrow = context[..., : context.shape[-1] // 2]
+    with pytest.raises(ValueError, match=rf"width {narrow.shape[-1]} \(shape \(1, "):
+        rcm_sample(MockVelocity(seed=1), narrow, (2, *SHAPE[1:]))
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_cuda_experts_one_resident_and_same_as_spec_loop_on_cuda():

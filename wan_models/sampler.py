@@ -254,6 +254,12 @@ def rcm_sample(
     shape = _check_shape(shape, arch)
     if context.ndim != 3:
         raise ValueError(f"context must be (batch, tokens, text_dim), got {tuple(context.shape)}")
+    if arch["text_dim"] is not None and context.shape[-1] != arch["text_dim"]:
+        raise ValueError(
+            f"context has width {context.shape[-1]} (shape {tuple(context.shape)}), but the model takes "
+            f"text features of width {arch['text_dim']} (umT5-XXL: 4096); encode the prompt with the Wan "
+            "umT5 text encoder"
+        )
     device = torch.device(device) if device is not None else module_device(model)
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
