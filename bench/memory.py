@@ -2,8 +2,9 @@
 
 1. GEMM throughput at the Wan shapes (M = 32760 and 75600 tokens; K, N of the 1.3B and 14B block linears):
    bf16 `torch.matmul` against the int8 W8A8 Triton path (with and without its activation quantiser) and the
-   fp8 path (per-token quantisation + `torch._scaled_mm`, and `_scaled_mm` alone), side by side, with each
-   path's rel-L2 error against the bf16 product as a sanity check; then a few int8 tile configs at
+   fp8 path (per-token quantisation, by Triton on FP8 GPUs, + `torch._scaled_mm`, and `_scaled_mm` alone),
+   side by side, with each path's rel-L2 error against the bf16 product as a sanity check; then a few int8
+   tile configs at
    M = 75600, K = N = 5120.
 2. Load-time int8 quantisation of a 14B bf16 state dict held on the CPU, one layer at a time on the GPU:
    peak GPU memory next to the size of the int8 model.
@@ -127,6 +128,7 @@ def gemm_table(device: torch.device, tokens: tuple[int, ...], layers: tuple, clo
     cuda = device.type == "cuda"
     int8_linear, int8_matmul, quantize_x = _int8_paths(cuda)
     use_scaled_mm = cuda and torch.cuda.get_device_capability(device) >= fp8.SCALED_MM_MIN_CAPABILITY
+    fp8_quantize = _fp8_quantizer(use_scaled_mm)
     rows = []
     for m in tokens:
         for label, k, n in layers:
@@ -142,7 +144,7 @@ def gemm_table(device: torch.device, tokens: tuple[int, ...], layers: tuple, clo
                 "bf16": lambda x=x, w=w: torch.matmul(x, w.T),
                 "int8": lambda x=x, c=codes, s=scale: int8_linear(x, c, s, None),
                 "int8 gemm": lambda a=x_codes, b=x_scale, c=codes, s=scale: int8_matmul(a, b, c, s),
-                "fp8": lambda x=x, c=w8, s=ws8: fp8.fp8_linear(x, c, s, None, use_scaled_mm),
+                "fp8": lambda x=x, c=w8, s=ws8: fp8.fp8_linear(x, c, s, None, use_scaled_mm, fp8_quantize),
                 "fp8 mm": lambda a=x8, b=xs8, c=w8, s=ws8: _fp8_matmul(a, b, c, s, use_scaled_mm),
             }
             flop = 2 * m * n * k
@@ -177,6 +179,15 @@ def _int8_paths(cuda: bool):
         lambda a, b, c, s: int8_reference.w8a8_matmul(a, b, c, s, torch.bfloat16),
         int8_reference.quantize_tiles,
     )
+
+
+def _fp8_quantizer(use_scaled_mm: bool):
+    """The activation quantiser the model's fp8 linears use: Triton's on FP8 GPUs, else PyTorch's."""
+    if use_scaled_mm:
+        from comfyui_turbodiffusion.turbo_kernels.fp8_quant import quantize_rows_e4m3_triton
+
+        return quantize_rows_e4m3_triton
+    return fp8.quantize_rows_e4m3
 
 
 def _fp8_matmul(a, b, c, s, use_scaled_mm: bool) -> torch.Tensor:
