@@ -120,7 +120,36 @@ def build_reference(
     if fast_norms:
         modify_model.replace_linear_norm(net, replace_linear=False, replace_norm=True, quantize=False)
     net.load_state_dict(state, assign=True)
-    return net.to("cuda").eval()
+    net = net.to("cuda").eval()
+    if fast_norms:
+        pad_fast_norm_buffers(net)
+    return net
+
+
+def pad_fast_norm_buffers(net: torch.nn.Module) -> int:
+    """Give every FastRMSNorm / FastLayerNorm weight and bias zero-padded storage up to the next power of two.
+
+    The reference's FastNorm Triton kernels (`ops/core.py`: `_rms_norm_fwd_fused`,
+    `_layer_norm_param_fwd_fused`) load `W + cols` and `B + cols` without a mask for cols up to
+    next_power_of_2(dim) (2048 for dim 1536, 8192 for 5120). In the released pipeline those reads land in
+    other tensors of the same allocation; with our freshly allocated weights they ran past the end of a
+    segment ("illegal memory access", H200, Triton 3.6). The padded columns are masked out of the stores,
+    so the values are unchanged; only the storage moves. Returns the number of tensors re-homed."""
+    moved = 0
+    for module in net.modules():
+        if type(module).__name__ not in ("FastRMSNorm", "FastLayerNorm"):
+            continue
+        for name in ("weight", "bias"):
+            tensor = getattr(module, name, None)
+            if tensor is None:
+                continue
+            padded = torch.zeros(
+                1 << (tensor.numel() - 1).bit_length(), dtype=tensor.dtype, device=tensor.device
+            )
+            padded[: tensor.numel()] = tensor.reshape(-1)
+            module._buffers[name] = padded[: tensor.numel()].view(tensor.shape)
+            moved += 1
+    return moved
 
 
 def reference_state_shapes(size: str) -> dict[str, tuple[torch.Size, torch.dtype]]:

@@ -41,3 +41,37 @@ def test_dry_run_exercises_every_part(tmp_path):
             stages = [stage for stage, _ in run["stages"]]
             assert stages[0] == "text encoding" and "sampling (4 steps)" in stages
             assert stages[-1] == "video encoding (after decoding)"
+
+
+def test_reference_fast_norm_buffers_get_padded_storage():
+    """The reference's FastNorm kernels read weight/bias unmasked up to the next power of two; the bench
+    re-homes those buffers into zero-padded storage without changing their values."""
+    import importlib.util
+
+    import torch
+
+    spec = importlib.util.spec_from_file_location("e2e_reference", ROOT / "bench" / "e2e_reference.py")
+    e2e_reference = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(e2e_reference)
+
+    class FastLayerNorm(torch.nn.Module):
+        def __init__(self, dim):
+            super().__init__()
+            self.register_buffer("weight", torch.randn(dim))
+            self.register_buffer("bias", torch.randn(dim))
+
+    class FastRMSNorm(torch.nn.Module):
+        def __init__(self, dim):
+            super().__init__()
+            self.register_buffer("weight", torch.randn(dim))
+
+    net = torch.nn.Sequential(FastLayerNorm(1536), FastRMSNorm(5120), torch.nn.LayerNorm(24))
+    before = {key: value.clone() for key, value in net.state_dict().items()}
+    assert e2e_reference.pad_fast_norm_buffers(net) == 3
+    for key, value in net.state_dict().items():
+        assert torch.equal(value, before[key])
+    assert net[0].weight.untyped_storage().nbytes() == 2048 * 4
+    assert net[1].weight.untyped_storage().nbytes() == 8192 * 4
+    padded = torch.empty(0).set_(net[0].bias.untyped_storage())
+    assert torch.count_nonzero(padded[1536:]) == 0
+    assert net[2].weight.untyped_storage().nbytes() == 24 * 4  # PyTorch's own norms untouched
