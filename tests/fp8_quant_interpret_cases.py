@@ -1,6 +1,6 @@
 """Cases for the Triton per-row e4m3 quantiser (`turbo_kernels/fp8_quant.py`) on the CPU interpreter, judged
-by the formula of FORMATS/KERNELS (amax/448 per row, correctly rounded quotient, clamp, round to nearest even)
-in float64 and by the PyTorch quantiser the fp8 linears use elsewhere.
+by the formula of FORMATS/KERNELS (amax/448 per row, x times the correctly rounded 448/amax, clamp, round to
+nearest even) in float64 and by the PyTorch quantiser the fp8 linears use elsewhere.
 
 Collected only by tests/test_fp8_quant_interpret.py (child pytest with TRITON_INTERPRET=1). Codes are
 compared as numbers: the interpreter's rounding emulation returns +0 where e4m3 keeps -0 (both decode to 0).
@@ -37,15 +37,16 @@ def _e4m3_f64(values: torch.Tensor) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-@pytest.mark.parametrize(("rows", "columns"), [(7, 300), (3, 1536), (4, 5)])
+@pytest.mark.parametrize(("rows", "columns"), [(7, 300), (3, 1536), (4, 5), (5, 8960), (3, 17000)])
 def test_codes_and_scales_follow_the_formula(kernels, rows, columns, dtype):
     x = _activations(rows, columns, dtype)
     codes, scale = kernels.quantize_rows_e4m3_triton(x)
 
-    x64 = x.double()
-    amax = x64.abs().amax(dim=1).clamp_min(1e-8)
-    expected_scale = (amax.float() / E4M3_MAX).double()  # float32 amax and division, as specified
-    expected = _e4m3_f64((x64 / expected_scale[:, None]).float().double().clamp(-E4M3_MAX, E4M3_MAX))
+    amax = x.double().abs().amax(dim=1).clamp_min(1e-8).float()
+    expected_scale = (amax.double() / E4M3_MAX).float().double()  # float32 results, correctly rounded
+    inverse = (E4M3_MAX / amax.double()).float()
+    product = (x.float() * inverse[:, None]).double()  # one float32 rounding of x · (448/amax)
+    expected = _e4m3_f64(product.clamp(-E4M3_MAX, E4M3_MAX))
     assert codes.dtype == torch.float8_e4m3fn and scale.dtype == torch.float32
     assert torch.equal(scale.double(), expected_scale)
     assert torch.equal(codes.double(), expected)

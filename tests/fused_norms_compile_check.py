@@ -41,11 +41,11 @@ FP8_QUANTISER = {
     "x_ptr": "*bf16",
     "codes_ptr": "*fp8e4nv",
     "scale_ptr": "*fp32",
-    **dict.fromkeys(("K", "stride_xm"), "i32"),
-    **dict.fromkeys(("BLOCK", "INTERPRET"), "constexpr"),
+    **dict.fromkeys(("M", "K", "stride_xm"), "i32"),
+    **dict.fromkeys(("ROWS", "BLOCK_K", "INTERPRET"), "constexpr"),
 }
 # Reduction widths K of the Wan linears' activations: 1536 / 5120 (q/k/v/o, FFN up), 8960 / 13824 (FFN down).
-FP8_WIDTHS = {1536: (2048, 4), 5120: (8192, 8), 13824: (16384, 8)}
+FP8_WIDTHS = (1536, 5120, 13824)
 # The launcher specialises pointers and integers divisible by 16 (every Wan width and batch stride).
 ALIGNED = {"width", "vector_batch_stride", "gate_batch_stride", "K", "stride_xm"}
 
@@ -99,9 +99,10 @@ def main() -> None:
                     constexprs = {"BLOCK": block}
                 key = f"{name}/{width}/sm{capability}"
                 results[key] = compile_report(kernel, signature, constexprs, warps, capability)
-    for width, (block, warps) in FP8_WIDTHS.items():
+    for width in FP8_WIDTHS:
+        rows, block_k = fp8_quant.launch_config(width)
         results[f"fp8_row_quantiser/{width}/sm90"] = compile_report(
-            fp8_quant._quantize_rows_kernel, FP8_QUANTISER, {"BLOCK": block}, warps, 90
+            fp8_quant._quantize_rows_kernel, FP8_QUANTISER, {"ROWS": rows, "BLOCK_K": block_k}, 4, 90
         )
     print(json.dumps(results))
 

@@ -86,12 +86,13 @@ def e4m3_round_f64(v: torch.Tensor) -> torch.Tensor:
 
 
 def fp8_rows_quantize_f64(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per row: scale = max(1e-8, amax)/448 and the quotient x / scale in float32 (the stored scale and the
-    documented division), then e4m3 rounding of that quotient in float64."""
-    amax = x.float().abs().amax(dim=1).clamp_min(1e-8)
-    scale = amax / E4M3_MAX
-    quotient = (x.float() / scale[:, None]).double()
-    return e4m3_round_f64(quotient.clamp(-E4M3_MAX, E4M3_MAX)), scale.double()
+    """Per row: scale = max(1e-8, amax)/448 and the product x · (448/amax), each rounded once to float32 (the
+    stored scale and the documented product), then e4m3 rounding of that product in float64."""
+    amax = x.double().abs().amax(dim=1).clamp_min(1e-8).float().double()
+    scale = (amax / E4M3_MAX).float().double()
+    inverse = (E4M3_MAX / amax).float().double()
+    product = (x.double() * inverse[:, None]).float().double()
+    return e4m3_round_f64(product.clamp(-E4M3_MAX, E4M3_MAX)), scale
 
 
 def fp8_linear_f64(

@@ -2,8 +2,9 @@
 §4.6 "fast path" form).
 
 * `quantize_rows_e4m3`: per row r of a 2-D matrix, amax_r = max(1e-8, max|x_r|) in float32, scale_r =
-  amax_r/448, code = e4m3(x / scale_r) (round to nearest even, saturated to ±448). Weights [N, K] give one
-  scale per output channel, activations [M, K] one per token.
+  amax_r/448, code = e4m3(x · (448/amax_r)) (round to nearest even, saturated to ±448; both divisions
+  correctly rounded, on every device). Weights [N, K] give one scale per output channel, activations [M, K]
+  one per token.
 * `fp8_matmul_scaled_mm`: Y = (Xq·Wqᵀ) · sx[m] · sw[n] through `torch._scaled_mm` with row-wise scales
   (cuBLASLt / CUTLASS FP8 tensor cores, float32 accumulation, bf16 output). Needs a GPU with FP8 tensor
   cores (compute capability >= 8.9) and a PyTorch that supports row-wise scaling there; K and N multiples
@@ -37,8 +38,12 @@ def quantize_rows_e4m3(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     if x.dim() != 2:
         raise ValueError(f"quantize_rows_e4m3 takes a 2-D matrix, got shape {tuple(x.shape)}")
     x32 = x.float()
-    scale = x32.abs().amax(dim=1).clamp_min(AMAX_FLOOR) / E4M3_MAX
-    codes = (x32 / scale[:, None]).clamp_(-E4M3_MAX, E4M3_MAX).to(E4M3)
+    amax = x32.abs().amax(dim=1).clamp_min(AMAX_FLOOR)
+    # Tensor by tensor: PyTorch divides by a Python scalar as a product with its reciprocal on the GPU
+    # (not on the CPU), which would make the scales depend on the device.
+    e4m3_max = torch.full_like(amax, E4M3_MAX)
+    scale, inverse = amax / e4m3_max, e4m3_max / amax
+    codes = (x32 * inverse[:, None]).clamp_(-E4M3_MAX, E4M3_MAX).to(E4M3)
     return codes, scale
 
 

@@ -1,18 +1,21 @@
-"""Triton per-row e4m3 quantiser of the fp8 W8A8 linears' activations (issue 8).
+"""Triton per-row e4m3 quantiser of the fp8 W8A8 linears' activations (issues 6 and 8).
 
 Computes exactly `fp8_linear.quantize_rows_e4m3`: per row r of X [M, K] (bf16 / fp16 / fp32, unit column
-stride), amax_r = max(1e-8, max|x_r|) in float32, scale_r = amax_r / 448 and code = e4m3(x / scale_r), both
-divisions correctly rounded (`div_rn`; Triton's "/" is approximate on the GPU), the quotient clamped to ±448
-and rounded to nearest even. One program per row: one read of X, one byte written per element, against the
-four float32 passes of the PyTorch version, which cost more than the fp8 GEMM itself (bench/RESULTS.md:
-7.5 ms complete vs 3.4 ms for `_scaled_mm` at M = 75600, K = N = 5120 on an H200).
+stride), amax_r = max(1e-8, max|x_r|) in float32, scale_r = amax_r / 448, inverse_r = 448 / amax_r (both
+correctly rounded: `div_rn`, Triton's "/" is approximate on the GPU) and code = e4m3(x · inverse_r), clamped
+to ±448 and rounded to nearest even. A product by a per-row inverse rather than a division per element: the
+division is a long instruction sequence on the GPU and made the first version of this kernel cost 0.6 ms at
+M = 75600, K = 5120 on an H200 (2.2 ms at K = 8960, where the row no longer fitted in registers).
+
+Each program quantises ROWS rows in two sweeps over BLOCK_K-wide column chunks (amax, then codes; the second
+read comes from L2), so any K up to `MAX_ROW` works without spilling.
 
 GPUs: compute capability >= 8.9 (the e4m3 conversion, `cvt.rn.satfinite.e4m3x2.f32`), where the fp8 linears
-run `_scaled_mm` anyway. Rows up to 16384 elements (every Wan linear: K <= 13824).
+run `_scaled_mm` anyway.
 Tested: bit-exact codes and scales against the PyTorch quantiser under TRITON_INTERPRET=1 (ragged K, zero
 rows, saturating and subnormal values; tests/test_fp8_quant_interpret.py) and compiled for sm90 without a GPU
 (tests/test_fused_norms_compile.py); `linear_kernels` checks it against the PyTorch quantiser on first use
-per device and keeps PyTorch's if they differ. Not yet timed on a GPU.
+per device and keeps PyTorch's if they differ.
 """
 
 from __future__ import annotations
@@ -25,25 +28,53 @@ from .fp8_linear import AMAX_FLOOR, E4M3, E4M3_MAX
 from .interpreter import interpreting
 from .sage_prepass import to_e4m3
 
-MAX_ROW = 16384
+MAX_ROW = 65536
+TILE_ELEMENTS = 2048  # elements per chunk of one program: 16 per thread at 4 warps
 _AMAX_FLOOR = tl.constexpr(AMAX_FLOOR)
 _E4M3_MAX = tl.constexpr(E4M3_MAX)
 
 
 @triton.jit
 def _quantize_rows_kernel(
-    x_ptr, codes_ptr, scale_ptr, K, stride_xm, BLOCK: tl.constexpr, INTERPRET: tl.constexpr
+    x_ptr,
+    codes_ptr,
+    scale_ptr,
+    M,
+    K,
+    stride_xm,
+    ROWS: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    INTERPRET: tl.constexpr,
 ):
-    row = tl.program_id(0).to(tl.int64)
-    columns = tl.arange(0, BLOCK)
-    mask = columns < K
-    x = tl.load(x_ptr + row * stride_xm + columns, mask=mask, other=0.0).to(tl.float32)
-    amax = tl.maximum(tl.max(tl.abs(x), axis=0), _AMAX_FLOOR)
-    scale = tl.math.div_rn(amax, tl.full((), _E4M3_MAX, tl.float32))
-    quotient = tl.math.div_rn(x, tl.zeros_like(x) + scale)
-    quotient = tl.minimum(tl.maximum(quotient, -_E4M3_MAX), _E4M3_MAX)
-    tl.store(codes_ptr + row * K + columns, to_e4m3(quotient, INTERPRET), mask=mask)
-    tl.store(scale_ptr + row, scale)
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    row_mask = rows < M
+    x_rows = x_ptr + rows.to(tl.int64)[:, None] * stride_xm
+    code_rows = codes_ptr + rows.to(tl.int64)[:, None] * K
+    amax = tl.zeros([ROWS], dtype=tl.float32)
+    for start in range(0, K, BLOCK_K):
+        columns = start + tl.arange(0, BLOCK_K)
+        mask = row_mask[:, None] & (columns < K)[None, :]
+        x = tl.load(x_rows + columns[None, :], mask=mask, other=0.0).to(tl.float32)
+        amax = tl.maximum(amax, tl.max(tl.abs(x), axis=1))
+    amax = tl.maximum(amax, _AMAX_FLOOR)
+    e4m3_max = tl.full([ROWS], _E4M3_MAX, tl.float32)
+    inverse = tl.math.div_rn(e4m3_max, amax)
+    for start in range(0, K, BLOCK_K):
+        columns = start + tl.arange(0, BLOCK_K)
+        mask = row_mask[:, None] & (columns < K)[None, :]
+        x = tl.load(x_rows + columns[None, :], mask=mask, other=0.0).to(tl.float32)
+        quotient = tl.minimum(tl.maximum(x * inverse[:, None], -_E4M3_MAX), _E4M3_MAX)
+        tl.store(code_rows + columns[None, :], to_e4m3(quotient, INTERPRET), mask=mask)
+    tl.store(scale_ptr + rows, tl.math.div_rn(amax, e4m3_max), mask=row_mask)
+
+
+def launch_config(columns: int) -> tuple[int, int]:
+    """(ROWS, BLOCK_K) for rows of `columns` elements: chunks that divide the row where a power of two
+    of at least 256 does (every Wan width: 1536 -> 512, 5120 -> 1024, 8960 -> 256, 13824 -> 512), else
+    the row rounded up to a power of two (capped), and as many rows as fill a chunk of TILE_ELEMENTS."""
+    lowest_bit = columns & -columns
+    block_k = min(lowest_bit, 1024) if lowest_bit >= 256 else min(triton.next_power_of_2(columns), 1024)
+    return max(1, TILE_ELEMENTS // block_k), block_k
 
 
 def quantize_rows_e4m3_triton(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -57,16 +88,18 @@ def quantize_rows_e4m3_triton(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
     scale = torch.empty(rows, dtype=torch.float32, device=x.device)
     if rows == 0 or columns == 0:
         return codes, scale
-    block = triton.next_power_of_2(columns)
-    _quantize_rows_kernel[(rows,)](
+    rows_per_program, block_k = launch_config(columns)
+    _quantize_rows_kernel[(triton.cdiv(rows, rows_per_program),)](
         x,
         codes,
         scale,
+        rows,
         columns,
         x.stride(0),
-        BLOCK=block,
+        ROWS=rows_per_program,
+        BLOCK_K=block_k,
         INTERPRET=interpreting(),
-        num_warps=4 if block <= 2048 else 8,
+        num_warps=4,
         enable_fp_fusion=False,
     )
     return codes, scale
