@@ -40,7 +40,6 @@ import functools
 import gc
 import importlib.util
 import json
-import math
 import platform
 import statistics
 import sys
@@ -59,6 +58,7 @@ if importlib.util.find_spec("comfyui_turbodiffusion") is None:  # not pip-instal
 
 import e2e_comfy  # noqa: E402
 import e2e_reference  # noqa: E402
+from _models import random_weights  # noqa: E402
 from comfyui_turbodiffusion.wan_models.block_ops import make_block_ops  # noqa: E402
 from comfyui_turbodiffusion.wan_models.config import WanDiTConfig  # noqa: E402
 from comfyui_turbodiffusion.wan_models.dit import WanDiT  # noqa: E402
@@ -82,7 +82,6 @@ VARIANTS = {  # name -> (self-attention, block ops, forward mode, linear storage
     "compile": ("sagesla", "torch", "default", "auto"),
 }
 OPTIMISED = "graphs"
-FP32_NORMS = ("norm_q.weight", "norm_k.weight", "norm3.weight", "norm3.bias")
 SLA_TOPK = 0.1
 # Tiny sequences have fewer than 10 key blocks, where top-k 0.1 selects none: the dry run keeps them all, so
 # that the sparse branches run too.
@@ -105,22 +104,6 @@ def say(line: str = "") -> None:
 def synchronize(device: str) -> None:
     if device == "cuda":
         torch.cuda.synchronize()
-
-
-def random_weights(shapes: dict, device: str, seed: int) -> dict[str, torch.Tensor]:
-    """Every tensor random, as released: matrices N(0, 1/fan_in) in bf16, norm weights 1 ± 0.1 (biases
-    ±0.1) in float32, vectors N(0, 0.02²) in bf16."""
-    generator = torch.Generator(device).manual_seed(seed)
-    state = {}
-    for name, shape in shapes.items():
-        noise = torch.randn(shape, generator=generator, device=device)
-        if name.endswith(FP32_NORMS):
-            state[name] = (1 + 0.1 * noise) if name.endswith("weight") else 0.1 * noise
-        elif len(shape) > 1:
-            state[name] = (noise / math.sqrt(shape[-1])).to(torch.bfloat16)
-        else:
-            state[name] = (0.02 * noise).to(torch.bfloat16)
-    return state
 
 
 def weight_shapes(size: str, dry_run: bool) -> dict[str, torch.Size]:
