@@ -1,4 +1,4 @@
-"""The whole Wan2.2 A14B image-to-video job at 720p under a 24 GiB GPU cap (issue 6), and the same job uncapped.
+"""The whole Wan2.2 A14B image-to-video job at 720p under a 24 GiB GPU cap (issue 6), and the job uncapped.
 
 Random weights at real size, built in memory (no files) and placed as a 24 GB user's job places them:
 
@@ -149,7 +149,7 @@ def byte_tokenizer():
 
 
 def build_text_encoder(shape: dict, work: torch.device, seed: int) -> torch.nn.Module:
-    """A random bf16 umT5 encoder (transformers' UMT5EncoderModel, as `load_text_encoder` builds it) on the CPU."""
+    """A random bf16 umT5 encoder on the CPU, built as `load_text_encoder` builds it."""
     from comfyui_turbodiffusion.wan_models.text_encoder import UMT5TextEncoder, build_umt5_encoder
     from transformers import UMT5Config
 
@@ -432,8 +432,8 @@ def plan_swaps(models: Models, cap_gib: float, frames: int) -> int:
     say(
         f"swap plan: {plan.swapped_blocks} of {plan.num_blocks} blocks per expert for a {budget:.2f} GiB DiT "
         f"budget ({cap_gib:.3g} GiB cap - VAE - {SAMPLER_STATE_GIB} GiB sampler state): weights on the GPU "
-        f"{plan.device_weight_bytes / GIB:.2f} GiB + estimated activations {plan.activation_bytes / GIB:.2f} GiB"
-        f" ({tokens} tokens)"
+        f"{plan.device_weight_bytes / GIB:.2f} GiB + estimated activations "
+        f"{plan.activation_bytes / GIB:.2f} GiB ({tokens} tokens)"
     )
     return plan.swapped_blocks
 
@@ -441,7 +441,8 @@ def plan_swaps(models: Models, cap_gib: float, frames: int) -> int:
 def print_report(reports: list[JobReport], cap_gib: float, swapped: int) -> None:
     say()
     say(
-        f"Per stage (seconds / peak allocated GiB in that stage; cap {cap_gib:.3g} GiB, {swapped} swapped blocks):"
+        f"Per stage (seconds / peak allocated GiB in that stage; cap {cap_gib:.3g} GiB, "
+        f"{swapped} swapped blocks):"
     )
     labels: list[str] = []
     for report in reports:
@@ -475,7 +476,8 @@ def print_report(reports: list[JobReport], cap_gib: float, swapped: int) -> None
         ]
         say(
             f"time overhead of the cap: whole job {capped.seconds:.1f} s vs {free.seconds:.1f} s "
-            f"({100 * (capped.seconds / free.seconds - 1):+.1f} %); DiT sampling {dit[0]:.1f} s vs {dit[1]:.1f} s "
+            f"({100 * (capped.seconds / free.seconds - 1):+.1f} %); "
+            f"DiT sampling {dit[0]:.1f} s vs {dit[1]:.1f} s "
             f"({100 * (dit[0] / dit[1] - 1):+.1f} %)"
         )
 
@@ -516,7 +518,8 @@ def main() -> None:
     guard_torchvision()
     say(environment(device))
     say(
-        f"A14B I2V job: {args.frames} frames, {args.steps} steps, {args.attention}, boundary 0.9; building models"
+        f"A14B I2V job: {args.frames} frames, {args.steps} steps, {args.attention}, boundary 0.9; "
+        "building models"
     )
     models = build_models(args, device)
     if models.text_encoder_note:
@@ -532,7 +535,7 @@ def main() -> None:
         swaps = (
             [enable_block_swap(expert, swapped) for expert in (models.high, models.low)] if swapped else []
         )
-        # The dry run's cap is too small for even the tiniest decode plan: there the budget only selects a plan.
+        # The dry run's cap is too small for the tiniest decode plan; there the budget only selects a plan.
         decode_budget = 1.0 if args.dry_run else cap_gib - DECODE_MARGIN_GIB
         reports.append(run_job("capped", models, device, args, cap_gib, decode_budget))
         for swap in swaps:
