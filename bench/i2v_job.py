@@ -427,12 +427,12 @@ def plan_swaps(models: Models, cap_gib: float, frames: int) -> int:
     """Blocks to swap per expert so that one expert's step fits the cap beside the VAE and sampler state."""
     shape = latent_shape(*models.size, frames)
     tokens = shape[2] * (shape[3] // 2) * (shape[4] // 2)
-    budget = cap_gib - tensor_bytes(models.vae) / GIB - SAMPLER_STATE_GIB
-    plan = plan_block_swap(models.high, budget, tokens)
+    reserved = tensor_bytes(models.vae) + int(SAMPLER_STATE_GIB * GIB)
+    plan = plan_block_swap(models.high, cap_gib, tokens, reserved_bytes=reserved)
     say(
-        f"swap plan: {plan.swapped_blocks} of {plan.num_blocks} blocks per expert for a {budget:.2f} GiB DiT "
-        f"budget ({cap_gib:.3g} GiB cap - VAE - {SAMPLER_STATE_GIB} GiB sampler state): weights on the GPU "
-        f"{plan.device_weight_bytes / GIB:.2f} GiB + estimated activations "
+        f"swap plan: {plan.swapped_blocks} of {plan.num_blocks} blocks per expert for the {cap_gib:.3g} GiB "
+        f"cap (reserved: VAE + {SAMPLER_STATE_GIB} GiB sampler state = {reserved / GIB:.2f} GiB): weights on "
+        f"the GPU {plan.device_weight_bytes / GIB:.2f} GiB + estimated activations "
         f"{plan.activation_bytes / GIB:.2f} GiB ({tokens} tokens)"
     )
     return plan.swapped_blocks

@@ -88,27 +88,33 @@ def estimate_activation_bytes(config: WanDiTConfig, tokens: int, batch: int = 1)
     return math.ceil(ACTIVATION_MARGIN * batch * (tokens * per_token + text))
 
 
-def plan_block_swap(model: nn.Module, max_vram_gb: float, tokens: int, batch: int = 1) -> SwapPlan:
-    """The fewest swapped blocks that keep weights + activations within `max_vram_gb` GiB.
+def plan_block_swap(
+    model: nn.Module, max_vram_gb: float, tokens: int, batch: int = 1, reserved_bytes: int = 0
+) -> SwapPlan:
+    """The fewest swapped blocks that keep weights + activations + `reserved_bytes` within `max_vram_gb` GiB.
 
     `model` is a WanDiT (blocks not swapped yet); `tokens` = latent frames × (height/16) × (width/16).
+    `reserved_bytes`: what else stays on the device while the model runs (e.g. the VAE's weights and the
+    sampler's state in a whole job), so that a budget can stand for the whole GPU.
     """
     blocks = list(model.blocks)
     block_bytes = max(tensor_bytes(block) for block in blocks)
     other = tensor_bytes(model) - sum(tensor_bytes(block) for block in blocks)
     activations = estimate_activation_bytes(model.config, tokens, batch)
-    budget = max_vram_gb * GIB
+    budget = max_vram_gb * GIB - reserved_bytes
     for swapped in range(len(blocks) + 1):
         plan = SwapPlan(swapped, len(blocks), block_bytes, other, activations)
         if plan.device_bytes <= budget:
             return plan
-    need = plan.device_bytes / GIB
+    need = (plan.device_bytes + reserved_bytes) / GIB
     suggestion = math.ceil(need * 10) / 10
+    reserved = f", other memory on the device {reserved_bytes / GIB:.2f} GB" if reserved_bytes else ""
     raise MemoryBudgetError(
         f"max_vram_gb={max_vram_gb:g} is too small for this model ({len(blocks)} blocks of dim "
         f"{model.config.dim}) at {tokens} tokens x batch {batch}: even with every block swapped to the CPU "
         f"it needs about {need:.1f} GB (weights outside the blocks {other / GIB:.2f} GB, {plan.slots} "
-        f"staged blocks {plan.slots * block_bytes / GIB:.2f} GB, activations {activations / GIB:.2f} GB). "
+        f"staged blocks {plan.slots * block_bytes / GIB:.2f} GB, activations {activations / GIB:.2f} GB"
+        f"{reserved}). "
         f"Set max_vram_gb to at least {suggestion:.1f}, or lower the resolution or frame count."
     )
 
