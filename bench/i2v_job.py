@@ -235,7 +235,8 @@ def build_models(args, device: torch.device) -> Models:
     try:
         text_encoder = build_text_encoder(te_shape, device, seed=3)
         say(f"  umT5 encoder: bf16, {tensor_bytes(text_encoder) / GIB:.2f} GiB on the CPU ({_since(start)})")
-    except ImportError as error:
+    except Exception as error:  # e.g. transformers or ftfy missing: the rest of the job still runs
+        traceback.print_exc()
         note = f"text encoder not built ({error}); the job uses a random context instead"
         say(f"  {note}")
     vae = build_vae(vae_dim, device, seed=4)
@@ -521,15 +522,15 @@ def main() -> None:
         f"A14B I2V job: {args.frames} frames, {args.steps} steps, {args.attention}, boundary 0.9; "
         "building models"
     )
-    models = build_models(args, device)
-    if models.text_encoder_note:
-        say(f"NOTE: {models.text_encoder_note}")
     cap_gib = args.cap_gb
-    if args.dry_run:
-        cap_gib = dry_run_cap(models, args.frames)
     reports: list[JobReport] = []
     swapped = 0
     try:
+        models = build_models(args, device)
+        if models.text_encoder_note:
+            say(f"NOTE: {models.text_encoder_note}")
+        if args.dry_run:
+            cap_gib = dry_run_cap(models, args.frames)
         warm_up(models, device, args)
         swapped = plan_swaps(models, cap_gib, args.frames)
         swaps = (
@@ -549,6 +550,7 @@ def main() -> None:
     finally:
         print_report(reports, cap_gib, swapped)
         say(f"script total {time.perf_counter() - start:.0f} s")
+    sys.exit(0 if reports and reports[0].status.startswith("OK") else 1)
 
 
 def warm_up(models: Models, device: torch.device, args) -> None:
