@@ -45,6 +45,7 @@ if importlib.util.find_spec("comfyui_turbodiffusion") is None:  # not pip-instal
     sys.modules["comfyui_turbodiffusion"] = package
 
 from comfyui_turbodiffusion.turbo_kernels import fp8_linear as fp8  # noqa: E402
+from comfyui_turbodiffusion.turbo_kernels import rowwise_gemm as rowwise  # noqa: E402
 from comfyui_turbodiffusion.turbo_kernels import w8a8_reference as int8_reference  # noqa: E402
 from comfyui_turbodiffusion.wan_models.attention import make_self_attention, sdpa_attention  # noqa: E402
 from comfyui_turbodiffusion.wan_models.block_swap import (  # noqa: E402
@@ -76,6 +77,26 @@ GEMM_LAYERS = (
 # (block_m, block_n, warps, stages); tiles must divide 128. The first is the default config.
 INT8_SWEEP = ((128, 128, 8, 3), (128, 128, 8, 4), (128, 64, 4, 4), (64, 128, 4, 4), (64, 64, 4, 4))
 TARGET_SPEEDUP = 1.6
+# Shapes (M, K, N) and configs of the row-wise GEMM sweep (turbo_kernels/rowwise_gemm.py). All Hopper-style
+# (TMA descriptors, persistent); "x2" rows run two programs per SM, which only fit with 4 warps.
+ROWWISE_SWEEP_SHAPES = ((75600, 5120, 5120), (32760, 1536, 8960))
+_RW = rowwise.RowwiseGemmConfig
+ROWWISE_SWEEP = (
+    _RW(),
+    _RW(flatten=False),
+    _RW(split_epilogue=False),
+    _RW(num_stages=4),
+    _RW(block_k=64, num_stages=4),
+    _RW(block_k=64, num_stages=5),
+    _RW(block_m=256, block_n=128),
+    _RW(block_m=256, block_n=128, block_k=64, num_stages=4),
+    _RW(block_n=128, num_stages=4),
+    _RW(block_n=128, block_k=64, num_stages=5),
+    _RW(block_n=128, num_warps=4, num_stages=3),
+    _RW(block_n=128, num_warps=4, num_stages=3, programs_per_sm=2),
+    _RW(block_n=128, block_k=64, num_warps=4, num_stages=4, programs_per_sm=2),
+    _RW(block_n=128, block_k=64, num_warps=4, num_stages=5, programs_per_sm=2),
+)
 
 
 @dataclass(frozen=True)
@@ -106,14 +127,15 @@ def relative_error(value: torch.Tensor, reference: torch.Tensor) -> float:
 class Clock:
     """Median milliseconds of a callable: triton's do_bench on CUDA (L2 flushed), perf_counter elsewhere."""
 
-    def __init__(self, device: torch.device) -> None:
+    def __init__(self, device: torch.device, warmup: int = 25, rep: int = 100) -> None:
         self.device = device
+        self.warmup, self.rep = warmup, rep
 
     def __call__(self, fn: Callable[[], object]) -> float:
         if self.device.type == "cuda":
             from triton.testing import do_bench
 
-            return do_bench(fn, warmup=25, rep=100, return_mode="median")
+            return do_bench(fn, warmup=self.warmup, rep=self.rep, return_mode="median")
         fn()
         times = []
         for _ in range(3):
@@ -123,12 +145,16 @@ class Clock:
         return sorted(times)[1]
 
 
-def gemm_table(device: torch.device, tokens: tuple[int, ...], layers: tuple, clock: Clock) -> None:
+def gemm_table(
+    device: torch.device, tokens: tuple[int, ...], layers: tuple, clock: Clock, sweep: bool
+) -> None:
     say("GEMM throughput (TFLOPS = 2·M·N·K / time; speed-up against bf16 torch.matmul; err = rel-L2 vs bf16)")
     cuda = device.type == "cuda"
     int8_linear, int8_matmul, quantize_x = _int8_paths(cuda)
     use_scaled_mm = cuda and torch.cuda.get_device_capability(device) >= fp8.SCALED_MM_MIN_CAPABILITY
     fp8_quantize = _fp8_quantizer(use_scaled_mm)
+    rowwise_linear, rowwise_matmul, quantize_rows_int8 = _rowwise_paths(device)
+    fp8_rowwise = rowwise_matmul if _rowwise_runs(device, fp8.E4M3) else rowwise.rowwise_matmul_reference
     rows = []
     for m in tokens:
         for label, k, n in layers:
@@ -137,6 +163,9 @@ def gemm_table(device: torch.device, tokens: tuple[int, ...], layers: tuple, clo
             w = (torch.randn(n, k, generator=generator, device=device) / math.sqrt(k)).to(torch.bfloat16)
             codes, scale = int8_reference.quantize_tiles(w)
             x_codes, x_scale = quantize_x(x)
+            # The row-wise int8 weight is re-quantised from the -quant tile format, as a model would do.
+            rw = rowwise.requantize_tiles_to_rows(codes, scale)
+            xr_codes, xr_scale = quantize_rows_int8(x)
             w8, ws8 = fp8.quantize_rows_e4m3(w)
             x8, xs8 = fp8.quantize_rows_e4m3(x)
             reference = torch.matmul(x, w.T)
@@ -144,8 +173,13 @@ def gemm_table(device: torch.device, tokens: tuple[int, ...], layers: tuple, clo
                 "bf16": lambda x=x, w=w: torch.matmul(x, w.T),
                 "int8": lambda x=x, c=codes, s=scale: int8_linear(x, c, s, None),
                 "int8 gemm": lambda a=x_codes, b=x_scale, c=codes, s=scale: int8_matmul(a, b, c, s),
+                "int8 rw": lambda x=x, c=rw.codes, s=rw.scale: rowwise_linear(x, c, s),
+                "int8 rw gemm": lambda a=xr_codes, b=xr_scale, c=rw.codes, s=rw.scale: rowwise_matmul(
+                    a, b, c, s
+                ),
                 "fp8": lambda x=x, c=w8, s=ws8: fp8.fp8_linear(x, c, s, None, use_scaled_mm, fp8_quantize),
                 "fp8 mm": lambda a=x8, b=xs8, c=w8, s=ws8: _fp8_matmul(a, b, c, s, use_scaled_mm),
+                "fp8 tri gemm": lambda a=x8, b=xs8, c=w8, s=ws8: fp8_rowwise(a, b, c, s),
             }
             flop = 2 * m * n * k
             times = {name: clock(fn) for name, fn in paths.items()}
@@ -154,15 +188,22 @@ def gemm_table(device: torch.device, tokens: tuple[int, ...], layers: tuple, clo
             for name, ms in times.items():
                 speedup = "" if name == "bf16" else f" x{times['bf16'] / ms:.2f}"
                 row.append(f"{ms:.3f} ms {flop / ms / 1e9:.1f}{speedup}")
-            row.append(" ".join(f"{errors[name]:.3f}" for name in ("int8", "fp8")))
+            row.append(" ".join(f"{errors[name]:.3f}" for name in ERROR_COLUMNS))
+            row.append(f"{rw.relative_error:.4f}")
             rows.append(row)
-            del x, w, codes, scale, x_codes, x_scale, w8, ws8, x8, xs8, reference
-    table(["M", "layer", *paths, "err int8 fp8"], rows)
+            del x, w, codes, scale, x_codes, x_scale, rw, xr_codes, xr_scale, w8, ws8, x8, xs8, reference
+    table(["M", "layer", *paths, "err " + " / ".join(ERROR_COLUMNS), "rw requant err"], rows)
     headline = [r for r in rows if r[0] == str(tokens[-1]) and r[1] == layers[3][0]] if cuda else []
     if headline:
-        say(f"target: int8 and fp8 >= x{TARGET_SPEEDUP} bf16 at M={tokens[-1]}, K=N=5120: {headline[0][2:7]}")
-    if cuda:
+        cells = ", ".join(f"{name}: {cell}" for name, cell in zip(paths, headline[0][2:]))
+        say(f"target: int8 and fp8 >= x{TARGET_SPEEDUP} bf16 at M={tokens[-1]}, K=N=5120: {cells}")
+        say()
+    if cuda and sweep:
         int8_sweep(device, clock)
+        rowwise_sweep(device, Clock(device, warmup=10, rep=40))
+
+
+ERROR_COLUMNS = ("int8", "int8 rw", "fp8", "fp8 tri gemm")
 
 
 def _int8_paths(cuda: bool):
@@ -179,6 +220,22 @@ def _int8_paths(cuda: bool):
         lambda a, b, c, s: int8_reference.w8a8_matmul(a, b, c, s, torch.bfloat16),
         int8_reference.quantize_tiles,
     )
+
+
+def _rowwise_runs(device: torch.device, code_dtype: torch.dtype) -> bool:
+    return device.type == "cuda" and rowwise.rowwise_gemm_supported(device, code_dtype)
+
+
+def _rowwise_paths(device: torch.device):
+    """(complete linear, GEMM alone, int8 row quantiser) of the row-wise path: the Triton kernels where they
+    run, else their PyTorch references (CPU dry run)."""
+    if _rowwise_runs(device, torch.int8):
+        return rowwise.rowwise_linear, rowwise.rowwise_matmul, rowwise.quantize_rows_int8_triton
+
+    def reference_linear(x, codes, scale):
+        return rowwise.rowwise_matmul_reference(*rowwise.quantize_rows_int8(x), codes, scale)
+
+    return reference_linear, rowwise.rowwise_matmul_reference, rowwise.quantize_rows_int8
 
 
 def _fp8_quantizer(use_scaled_mm: bool):
@@ -220,6 +277,48 @@ def int8_sweep(device: torch.device, clock: Clock) -> None:
             )
     say(f"int8 GEMM tile configs at M={m}, K=N={k} (bf16 torch.matmul {bf16:.3f} ms; default = first row)")
     table(["config", "ms", "vs bf16"], rows)
+
+
+def rowwise_sweep(device: torch.device, clock: Clock) -> None:
+    """Times `ROWWISE_SWEEP` for int8 and fp8 at `ROWWISE_SWEEP_SHAPES`, next to bf16 torch.matmul. A config
+    that fails (compile error, too much shared memory) prints why and the sweep goes on; err (rel-L2 vs the
+    bf16 product) exposes a config that computes garbage."""
+    code_dtypes = [dtype for dtype in (torch.int8, fp8.E4M3) if _rowwise_runs(device, dtype)]
+    for m, k, n in ROWWISE_SWEEP_SHAPES:
+        generator = torch.Generator(device).manual_seed(m + k + n)
+        x = torch.randn(m, k, generator=generator, device=device).to(torch.bfloat16)
+        w = (torch.randn(n, k, generator=generator, device=device) / math.sqrt(k)).to(torch.bfloat16)
+        reference = torch.matmul(x, w.T)
+        bf16 = clock(lambda x=x, w=w: torch.matmul(x, w.T))
+        rows = []
+        for dtype in code_dtypes:
+            quantize = rowwise.quantize_rows_int8 if dtype == torch.int8 else fp8.quantize_rows_e4m3
+            operands = (*quantize(x), *quantize(w))
+            default = rowwise.default_config(device, dtype)
+            for config in ROWWISE_SWEEP:
+                cells = _time_rowwise_config(operands, config, reference, bf16, clock)
+                mark = " (default)" if config == default else ""
+                rows.append(["int8" if dtype == torch.int8 else "fp8", config.label() + mark, *cells])
+            del operands
+        say(
+            f"Row-wise W8A8 GEMM configs at M={m}, K={k}, N={n} (bf16 torch.matmul {bf16:.3f} ms, "
+            f"{2 * m * n * k / bf16 / 1e9:.0f} TFLOPS)"
+        )
+        table(["type", "config", "ms", "TFLOPS", "vs bf16", "err"], rows)
+        del x, w, reference
+
+
+def _time_rowwise_config(operands: tuple, config, reference: torch.Tensor, bf16: float, clock: Clock) -> list:
+    """[ms, TFLOPS, speed-up, err] of one config, or ["failed", "", "", why]."""
+    a, a_scale, b, b_scale = operands
+    flop = 2 * a.shape[0] * b.shape[0] * a.shape[1]
+    try:
+        error = relative_error(rowwise.rowwise_matmul(a, a_scale, b, b_scale, config=config), reference)
+        ms = clock(lambda: rowwise.rowwise_matmul(a, a_scale, b, b_scale, config=config))
+    except Exception as failure:  # a config that does not compile or fit must not stop the table
+        reason = " ".join(str(failure).split())[:100]
+        return ["failed", "", "", f"{type(failure).__name__}: {reason}"]
+    return [f"{ms:.3f}", f"{flop / ms / 1e9:.0f}", f"x{bf16 / ms:.2f}", f"{error:.3f}"]
 
 
 def random_model(config: WanDiTConfig, device: torch.device, seed: int) -> WanDiT:
@@ -405,7 +504,11 @@ def main() -> None:
     parser.add_argument("--dry-run", action="store_true", help="tiny shapes on the CPU")
     parser.add_argument("--attention", default="sagesla", choices=("sagesla", "sla", "sdpa"))
     parser.add_argument("--steps", type=int, default=2, help="timed forwards per scenario")
-    parser.add_argument("--skip", default="", help="comma-separated parts to skip: gemm, load, steps")
+    parser.add_argument(
+        "--skip",
+        default="",
+        help="comma-separated parts to skip: gemm, sweep (the GEMM config sweeps), load, steps",
+    )
     args = parser.parse_args()
     skip = set(filter(None, args.skip.split(",")))
     if not args.dry_run and not torch.cuda.is_available():
@@ -418,7 +521,7 @@ def main() -> None:
     if "gemm" not in skip:
         tokens = (256, 300) if args.dry_run else GEMM_TOKENS
         layers = (("tiny a", 256, 256), ("tiny b", 384, 256)) if args.dry_run else GEMM_LAYERS
-        gemm_table(device, tokens, layers, Clock(device))
+        gemm_table(device, tokens, layers, Clock(device), sweep="sweep" not in skip)
     if "load" not in skip:
         config = (
             scenarios(args.dry_run)[1].config if args.dry_run else WanDiTConfig.from_name("wan2.1-t2v-14b")

@@ -1,0 +1,462 @@
+"""Row-wise scaled W8A8 GEMM in Triton, int8 and fp8 (issue 6; KERNELS.md §4.6 "fast path").
+
+Computes, for A [M, K] and B [N, K] both int8 or both float8_e4m3fn (row-major, K-contiguous):
+
+    Y[m, n] = (Σ_k A[m, k] · B[n, k]) · sa[m] · sb[n]  (+ bias[n])  (then GELU-tanh, on request)  -> bf16
+
+* int8: the dot accumulates in int32 over the whole K (exact: |Σ| <= 127²·K < 2³¹ for K < 133144), converted
+  to float32 once; fp8: e4m3 products accumulated in float32 (on Hopper without the periodic promotion,
+  Triton's default `max_num_imprecise_acc`, as cuBLAS' fast accumulation). The epilogue runs once per output
+  tile in float32: × sa[m] × sb[n], + bias, optional GELU-tanh (`F.gelu(approximate="tanh")` written as
+  y / (1 + exp(-2z)), z = √(2/π)(y + 0.044715 y³)), one rounding to bf16.
+* `quantize_rows_int8_triton` / `quantize_rows_int8`: per-token int8 activation codes for it. scale_r =
+  amax_r / 127, code = round-half-even(x · (127 / amax_r)) saturated to ±127, amax floored at 1e-8, 127/amax
+  and amax/127 correctly rounded (the kernel body is shared with the e4m3 quantiser: `row_quant.py`).
+* `requantize_tiles_to_rows`: a `-quant` checkpoint weight (int8, one scale per 128×128 tile) to per-output-
+  channel int8: w = code · s_tile in float32, then the row quantiser above (s_n = max_k|w| / 127), with the
+  rel-L2 distance to the tile weight so that a caller can refuse a layer that loses too much.
+* `rowwise_linear`: x [..., K] -> quantise per token (int8 or e4m3, like the weight) -> GEMM -> [..., N] bf16.
+
+Kernel: persistent (one program per SM, tiles in grouped order so GROUP_M row tiles share the B tiles they
+read from L2), A and B loaded through TMA tensor descriptors where the GPU and the layout allow it (sm90+,
+16-byte aligned rows: K % 16 == 0, N % 8 == 0; host-side `triton.tools.tensor_descriptor`, Triton >= 3.4),
+else pointer loads (Ampere / Ada, odd shapes). The tile loop and the K loop form one flattened software
+pipeline (`tl.range(..., flatten=True)`), so the loads of the next tile overlap this tile's epilogue; the
+output tile is stored through TMA as two halves (half the shared memory of one store). No autotuning at
+run time: `default_config` picks a `RowwiseGemmConfig` from a per-architecture table (bench/memory.py has
+the sweep the Hopper entries should come from).
+
+Contract: a, b contiguous, same dtype (int8 or float8_e4m3fn); a_scale [M] and b_scale [N] float32; bias [N]
+(any float dtype, read as float32) or None; any M, N, K >= 1 (tails zero-filled by TMA or masked). Output
+[M, N] bf16. GPUs: int8 on compute capability >= 8.0 (IMMA; IGMMA `wgmma …s32.s8.s8` on sm90), fp8 on >= 8.9
+(QMMA / QGMMA `…f32.e4m3.e4m3`) and on sm120 only with Triton >= 3.6 (3.4 runs it on fp16 tensor cores,
+KERNELS.md §4.8): see `rowwise_gemm_supported`.
+
+Tested (no GPU in CI): tests/rowwise_gemm_interpret_cases.py runs the kernels under TRITON_INTERPRET=1
+(descriptor and pointer paths, ragged M/N/K, bias, GELU) against formulas written in the test: int8 exact
+in int64, then scaled in float64 (within one bf16 ulp); fp8 against float64; the quantiser bit-exact.
+tests/rowwise_gemm_compile_check.py compiles the default configs for sm80/89/90 (no spills; int8 → wgmma
+s32.s8.s8, fp8 → wgmma e4m3 on sm90). Speed on a GPU: not measured when this was written (2026-11-21).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from .fp8_linear import E4M3
+from .fp8_quant import quantize_rows_e4m3_triton
+from .int8_gemm import _cast
+from .interpreter import interpreting
+from .row_quant import AMAX_FLOOR, quantize_rows, quantize_rows_body
+from .w8a8_reference import dequantize_tiles
+
+try:
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # Triton without host-side tensor descriptors: pointer loads everywhere
+    TensorDescriptor = None
+
+INT8_LEVELS = 127.0
+_INT8_LEVELS = tl.constexpr(INT8_LEVELS)
+# F.gelu(approximate="tanh"): 0.5·y·(1 + tanh(√(2/π)·(y + 0.044715·y³))).
+_GELU_SCALE = tl.constexpr(0.7978845608028654)
+_GELU_CUBIC = tl.constexpr(0.044715)
+# TMA: base addresses and row strides must be multiples of 16 bytes.
+DESCRIPTOR_ALIGNMENT = 16
+CODE_DTYPES = (torch.int8, E4M3)
+# Programs of the persistent grid on the CPU interpreter (several tiles each, like a GPU's SMs).
+INTERPRETER_PROGRAMS = 3
+
+
+@dataclass(frozen=True)
+class RowwiseGemmConfig:
+    """Tile shape and launch of `rowwise_matmul`. `descriptors` asks for TMA loads and stores (used only
+    where `descriptors_usable` allows them); `flatten` pipelines the tile and K loops as one;
+    `split_epilogue` stores each output tile as two halves of BLOCK_N / 2 columns; `programs_per_sm` > 1
+    launches that many persistent programs per SM, which run side by side where registers and shared memory
+    allow (on Hopper the int8 `wgmma` is never asynchronous in Triton, so a second program is what fills the
+    tensor cores while one waits; Triton's WGMMA pipeliner only keeps float32 accumulators in flight)."""
+
+    block_m: int = 128
+    block_n: int = 256
+    block_k: int = 128
+    group_m: int = 8
+    num_warps: int = 8
+    num_stages: int = 3
+    descriptors: bool = True
+    flatten: bool = True
+    split_epilogue: bool = True
+    programs_per_sm: int = 1
+
+    def label(self) -> str:
+        flags = [name for name in ("descriptors", "flatten", "split_epilogue") if getattr(self, name)]
+        return (
+            f"{self.block_m}x{self.block_n}x{self.block_k} w{self.num_warps} s{self.num_stages} "
+            f"g{self.group_m} x{self.programs_per_sm} {'+'.join(flags) or 'pointers'}"
+        )
+
+
+# Per architecture family and operand type; not yet tuned on a GPU (2026-11-21): bench/memory.py's sweep
+# should replace the Hopper entries. Hopper fp8: the shape of Triton's persistent fp8 matmul tutorial
+# (128×256×128, 8 warps, 3 stages: 144 KB of operand buffers + 32 KB for a half-tile store). Hopper int8: its
+# wgmma waits for completion every K step (see `RowwiseGemmConfig`), so two 4-warp programs of 128×128×128
+# share each SM (112 KB of shared memory and 128 threads × 255 registers each: both fit). Ampere (164 KB of
+# shared memory) and the consumer GPUs (sm86/89/120, ~100 KB): 128×128×64, 8 warps, 4 stages (48 KB), pointer
+# loads. Every entry compiles without spills (tests/test_rowwise_gemm_compile.py).
+_HOPPER_FP8 = RowwiseGemmConfig()
+_HOPPER_INT8 = RowwiseGemmConfig(block_n=128, num_warps=4, num_stages=3, programs_per_sm=2)
+_POINTER = RowwiseGemmConfig(
+    block_n=128, block_k=64, num_stages=4, descriptors=False, flatten=False, split_epilogue=False
+)
+DEFAULT_CONFIGS: dict[str, dict[torch.dtype, RowwiseGemmConfig]] = {
+    "hopper": {torch.int8: _HOPPER_INT8, E4M3: _HOPPER_FP8},
+    "ampere": {torch.int8: _POINTER, E4M3: _POINTER},
+    "consumer": {torch.int8: _POINTER, E4M3: _POINTER},
+}
+
+
+def architecture_family(capability: tuple[int, int] | None) -> str:
+    """'hopper' (sm90, sm100: TMA and large shared memory), 'ampere' (sm80) or 'consumer' (sm86/89/120);
+    None (the CPU interpreter) counts as Hopper."""
+    if capability is None or capability[0] in (9, 10):
+        return "hopper"
+    return "ampere" if capability == (8, 0) else "consumer"
+
+
+def default_config(device: torch.device, code_dtype: torch.dtype) -> RowwiseGemmConfig:
+    capability = torch.cuda.get_device_capability(device) if device.type == "cuda" else None
+    return DEFAULT_CONFIGS[architecture_family(capability)][code_dtype]
+
+
+def _triton_version() -> tuple[int, int]:
+    major, minor = triton.__version__.split(".")[:2]
+    return int(major), int(minor)
+
+
+def rowwise_gemm_supported(device: torch.device, code_dtype: torch.dtype) -> bool:
+    """Whether `rowwise_matmul` runs on `device` with operands of `code_dtype` at tensor-core speed."""
+    if device.type != "cuda":
+        return interpreting() and code_dtype in CODE_DTYPES
+    capability = torch.cuda.get_device_capability(device)
+    if code_dtype == torch.int8:
+        return capability >= (8, 0)
+    if code_dtype == E4M3:
+        return capability >= (8, 9) and (capability[0] < 12 or _triton_version() >= (3, 6))
+    return False
+
+
+def descriptors_usable(*tensors: torch.Tensor) -> bool:
+    """TMA tensor descriptors: Triton has them, the GPU has TMA (sm90+; the interpreter emulates them) and
+    every 2-D tensor has 16-byte aligned base address and row stride."""
+    if TensorDescriptor is None:
+        return False
+    device = tensors[0].device
+    if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] < 9:
+        return False
+    return all(
+        t.data_ptr() % DESCRIPTOR_ALIGNMENT == 0
+        and t.stride(0) * t.element_size() % DESCRIPTOR_ALIGNMENT == 0
+        for t in tensors
+    )
+
+
+@triton.jit
+def _tile_origin(tile, tiles_m, tiles_n, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """First row and column of output tile number `tile` in grouped order: GROUP_M row tiles walk the
+    column tiles together, so the B tiles they read stay in L2."""
+    per_group = GROUP_M * tiles_n
+    first_m = (tile // per_group) * GROUP_M
+    group_rows = tl.minimum(tiles_m - first_m, GROUP_M)
+    pid_m = first_m + (tile % per_group) % group_rows
+    pid_n = (tile % per_group) // group_rows
+    return pid_m * BLOCK_M, pid_n * BLOCK_N
+
+
+@triton.jit
+def _epilogue(
+    acc,
+    out,
+    a_scale_ptr,
+    b_scale_ptr,
+    bias_ptr,
+    row0,
+    col0,
+    M,
+    N,
+    HAS_BIAS: tl.constexpr,
+    GELU: tl.constexpr,
+    DESCRIPTORS: tl.constexpr,
+    SPLIT_EPILOGUE: tl.constexpr,
+    SOFTWARE_BF16: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    rows = row0 + tl.arange(0, BLOCK_M)
+    columns = col0 + tl.arange(0, BLOCK_N)
+    a_scale = tl.load(a_scale_ptr + rows, mask=rows < M, other=0.0)
+    b_scale = tl.load(b_scale_ptr + columns, mask=columns < N, other=0.0)
+    y = acc.to(tl.float32) * a_scale[:, None] * b_scale[None, :]
+    if HAS_BIAS:
+        y += tl.load(bias_ptr + columns, mask=columns < N, other=0.0).to(tl.float32)[None, :]
+    if GELU:
+        # 0.5·y·(1 + tanh z) = y · sigmoid(2z): no tanh needed, and exact limits (y, −0) for large |y|.
+        z = _GELU_SCALE * (y + _GELU_CUBIC * y * y * y)
+        y = y / (1.0 + tl.exp(-2.0 * z))
+    y = _cast(y, tl.bfloat16, SOFTWARE_BF16)
+    if DESCRIPTORS:
+        if SPLIT_EPILOGUE:
+            left, right = tl.split(tl.permute(tl.reshape(y, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1)))
+            out.store([row0, col0], left)
+            out.store([row0, col0 + BLOCK_N // 2], right)
+        else:
+            out.store([row0, col0], y)
+    else:
+        offsets = rows.to(tl.int64)[:, None] * N + columns[None, :]
+        tl.store(out + offsets, y, mask=(rows[:, None] < M) & (columns[None, :] < N))
+
+
+@triton.jit
+def _rowwise_gemm_kernel(
+    a,
+    b,
+    out,
+    a_scale_ptr,
+    b_scale_ptr,
+    bias_ptr,
+    M,
+    N,
+    K,
+    HAS_BIAS: tl.constexpr,
+    GELU: tl.constexpr,
+    INTEGER: tl.constexpr,
+    DESCRIPTORS: tl.constexpr,
+    EVEN_K: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+    FLATTEN: tl.constexpr,
+    SPLIT_EPILOGUE: tl.constexpr,
+    SOFTWARE_BF16: tl.constexpr,
+):
+    # a, b, out: tensor descriptors (blocks [BLOCK_M, BLOCK_K], [BLOCK_N, BLOCK_K], [BLOCK_M, BLOCK_N or
+    # BLOCK_N / 2]) when DESCRIPTORS, else pointers to contiguous matrices.
+    tiles_m = tl.cdiv(M, BLOCK_M)
+    tiles_n = tl.cdiv(N, BLOCK_N)
+    k_steps = tl.cdiv(K, BLOCK_K)
+    offs_k = tl.arange(0, BLOCK_K)
+    for tile in tl.range(tl.program_id(0), tiles_m * tiles_n, tl.num_programs(0), flatten=FLATTEN):
+        row0, col0 = _tile_origin(tile, tiles_m, tiles_n, BLOCK_M, BLOCK_N, GROUP_M)
+        if not DESCRIPTORS:
+            # Rows and columns past the end read valid (wrapped) memory; the epilogue never stores them.
+            a_rows = a + ((row0 + tl.arange(0, BLOCK_M)) % M).to(tl.int64)[:, None] * K
+            b_rows = b + ((col0 + tl.arange(0, BLOCK_N)) % N).to(tl.int64)[:, None] * K
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32 if INTEGER else tl.float32)
+        for step in range(k_steps):
+            k0 = step * BLOCK_K
+            if DESCRIPTORS:
+                a_tile = a.load([row0, k0])
+                b_tile = b.load([col0, k0])
+            elif EVEN_K:
+                a_tile = tl.load(a_rows + (k0 + offs_k)[None, :])
+                b_tile = tl.load(b_rows + (k0 + offs_k)[None, :])
+            else:
+                in_k = (k0 + offs_k)[None, :] < K
+                a_tile = tl.load(a_rows + (k0 + offs_k)[None, :], mask=in_k, other=0.0)
+                b_tile = tl.load(b_rows + (k0 + offs_k)[None, :], mask=in_k, other=0.0)
+            acc = tl.dot(a_tile, b_tile.T, acc)
+        _epilogue(
+            acc,
+            out,
+            a_scale_ptr,
+            b_scale_ptr,
+            bias_ptr,
+            row0,
+            col0,
+            M,
+            N,
+            HAS_BIAS,
+            GELU,
+            DESCRIPTORS,
+            SPLIT_EPILOGUE,
+            SOFTWARE_BF16,
+            BLOCK_M,
+            BLOCK_N,
+        )
+
+
+@triton.jit
+def _quantize_rows_int8_kernel(
+    x_ptr,
+    codes_ptr,
+    scale_ptr,
+    M,
+    K,
+    stride_xm,
+    ROWS: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    INTERPRET: tl.constexpr,
+):
+    quantize_rows_body(
+        x_ptr, codes_ptr, scale_ptr, M, K, stride_xm, _INT8_LEVELS, True, ROWS, BLOCK_K, INTERPRET
+    )
+
+
+def quantize_rows_int8_triton(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """2-D x (unit column stride) -> (int8 codes with x's shape, float32 scale per row), bit for bit
+    `quantize_rows_int8`."""
+    return quantize_rows(_quantize_rows_int8_kernel, x, torch.int8)
+
+
+def quantize_rows_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """PyTorch reference of the per-row int8 quantiser: (codes, scale_r = amax_r / 127)."""
+    if x.dim() != 2:
+        raise ValueError(f"quantize_rows_int8 takes a 2-D matrix, got shape {tuple(x.shape)}")
+    x32 = x.float()
+    amax = x32.abs().amax(dim=1).clamp_min(AMAX_FLOOR)
+    # Tensor by tensor: PyTorch turns a division by a Python scalar into a reciprocal product on the GPU.
+    levels = torch.full_like(amax, INT8_LEVELS)
+    codes = torch.round(x32 * (levels / amax)[:, None]).clamp_(-INT8_LEVELS, INT8_LEVELS).to(torch.int8)
+    return codes, amax / levels
+
+
+@dataclass(frozen=True)
+class RowwiseInt8Weight:
+    """A linear weight in the row-wise int8 format: `codes` int8 [N, K], `scale` float32 [N], and the rel-L2
+    distance ‖codes·scale − W_tiles‖ / ‖W_tiles‖ to the 128×128-tile weight it came from."""
+
+    codes: torch.Tensor
+    scale: torch.Tensor
+    relative_error: float
+
+
+def requantize_tiles_to_rows(codes: torch.Tensor, tile_scale: torch.Tensor) -> RowwiseInt8Weight:
+    """A `-quant` weight (int8 [N, K], float32 scales [⌈N/128⌉, ⌈K/128⌉]) -> per-output-channel int8. Runs
+    on the tensors' device (PyTorch only, same bits on every device); ~10 bytes of temporaries per weight."""
+    weight = dequantize_tiles(codes, tile_scale, torch.float32)
+    row_codes, row_scale = quantize_rows_int8(weight)
+    difference = (row_codes.float() * row_scale[:, None]).sub_(weight)
+    error = (difference.norm() / weight.norm().clamp_min(AMAX_FLOOR)).item()
+    return RowwiseInt8Weight(row_codes, row_scale, error)
+
+
+def rowwise_matmul_reference(
+    a: torch.Tensor,
+    a_scale: torch.Tensor,
+    b: torch.Tensor,
+    b_scale: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    gelu: bool = False,
+) -> torch.Tensor:
+    """PyTorch reference of `rowwise_matmul` in float64 (int8 sums exact; e4m3 products exact, the sum
+    rounded less than the kernel's float32), rounded to bf16 once."""
+    y = (a.double() @ b.double().T) * a_scale.double()[:, None] * b_scale.double()[None, :]
+    if bias is not None:
+        y += bias.double()
+    if gelu:
+        y = F.gelu(y, approximate="tanh")
+    return y.to(torch.bfloat16)
+
+
+def _check_operands(a, a_scale, b, b_scale, bias) -> None:
+    if a.dim() != 2 or b.dim() != 2 or a.shape[1] != b.shape[1]:
+        raise ValueError(f"expected A [M, K] and B [N, K], got {tuple(a.shape)} and {tuple(b.shape)}")
+    if a.dtype != b.dtype or a.dtype not in CODE_DTYPES:
+        raise ValueError(f"A and B must both be int8 or both float8_e4m3fn, got {a.dtype} and {b.dtype}")
+    if not (a.is_contiguous() and b.is_contiguous()):
+        raise ValueError("A and B must be contiguous (row-major, K-contiguous): call .contiguous() first")
+    for name, scale, length in (("a_scale", a_scale, a.shape[0]), ("b_scale", b_scale, b.shape[0])):
+        if scale.shape != (length,) or scale.dtype != torch.float32 or not scale.is_contiguous():
+            raise ValueError(
+                f"{name} must be a contiguous float32 vector of {length}, got {scale.dtype} "
+                f"{tuple(scale.shape)}"
+            )
+    if bias is not None and (bias.shape != (b.shape[0],) or not bias.is_contiguous()):
+        raise ValueError(f"bias must be a contiguous vector of {b.shape[0]}, got {tuple(bias.shape)}")
+
+
+def _programs(device: torch.device, tiles: int, per_sm: int) -> int:
+    if device.type != "cuda":
+        return min(tiles, INTERPRETER_PROGRAMS)
+    return min(tiles, per_sm * torch.cuda.get_device_properties(device).multi_processor_count)
+
+
+def rowwise_matmul(
+    a: torch.Tensor,
+    a_scale: torch.Tensor,
+    b: torch.Tensor,
+    b_scale: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    gelu: bool = False,
+    config: RowwiseGemmConfig | None = None,
+) -> torch.Tensor:
+    """(A [M, K] · B [N, K]ᵀ) · a_scale[m] · b_scale[n] (+ bias[n]) (GELU-tanh if `gelu`) -> [M, N] bf16."""
+    _check_operands(a, a_scale, b, b_scale, bias)
+    rows, depth = a.shape
+    columns = b.shape[0]
+    config = config or default_config(a.device, a.dtype)
+    out = torch.empty(rows, columns, dtype=torch.bfloat16, device=a.device)
+    if rows == 0 or columns == 0:
+        return out
+    if depth == 0:
+        return out.copy_(rowwise_matmul_reference(a, a_scale, b, b_scale, bias, gelu))
+    use_descriptors = config.descriptors and descriptors_usable(a, b, out)
+    if use_descriptors:
+        store_n = config.block_n // 2 if config.split_epilogue else config.block_n
+        operands = (
+            TensorDescriptor.from_tensor(a, [config.block_m, config.block_k]),
+            TensorDescriptor.from_tensor(b, [config.block_n, config.block_k]),
+            TensorDescriptor.from_tensor(out, [config.block_m, store_n]),
+        )
+    else:
+        operands = (a, b, out)
+    tiles = triton.cdiv(rows, config.block_m) * triton.cdiv(columns, config.block_n)
+    _rowwise_gemm_kernel[(_programs(a.device, tiles, config.programs_per_sm),)](
+        *operands,
+        a_scale,
+        b_scale,
+        bias if bias is not None else a_scale,
+        rows,
+        columns,
+        depth,
+        HAS_BIAS=bias is not None,
+        GELU=gelu,
+        INTEGER=a.dtype == torch.int8,
+        DESCRIPTORS=use_descriptors,
+        EVEN_K=depth % config.block_k == 0,
+        BLOCK_M=config.block_m,
+        BLOCK_N=config.block_n,
+        BLOCK_K=config.block_k,
+        GROUP_M=config.group_m,
+        FLATTEN=config.flatten,
+        SPLIT_EPILOGUE=config.split_epilogue,
+        SOFTWARE_BF16=interpreting(),
+        num_warps=config.num_warps,
+        num_stages=config.num_stages,
+    )
+    return out
+
+
+def rowwise_linear(
+    x: torch.Tensor,
+    weight_codes: torch.Tensor,
+    weight_scale: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    gelu: bool = False,
+    config: RowwiseGemmConfig | None = None,
+) -> torch.Tensor:
+    """x [..., K] -> [..., N] bf16: quantise x per token to the weight's type (int8: `quantize_rows_int8_
+    triton`; e4m3: `fp8_quant.quantize_rows_e4m3_triton`), then `rowwise_matmul` with the weight's
+    per-output-channel codes [N, K] and scales [N]."""
+    depth = x.shape[-1]
+    x2 = x.reshape(-1, depth)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    quantize = quantize_rows_int8_triton if weight_codes.dtype == torch.int8 else quantize_rows_e4m3_triton
+    codes, scale = quantize(x2)
+    out = rowwise_matmul(codes, scale, weight_codes, weight_scale, bias, gelu, config)
+    return out.reshape(*x.shape[:-1], weight_codes.shape[0])
