@@ -18,9 +18,12 @@ LAYER_NORM = {
     **dict.fromkeys(("x_ptr", "residual_ptr"), "*bf16"),
     **dict.fromkeys(("gate_ptr", "weight_ptr", "bias_ptr", "shift_ptr", "scale_ptr"), "*fp32"),
     **dict.fromkeys(("x_out_ptr", "out_ptr"), "*bf16"),
+    "codes_ptr": "*bf16",  # a placeholder (x) where the kernel writes no codes
+    "row_scale_ptr": "*fp32",
     **dict.fromkeys(("tokens", "width", "vector_batch_stride"), "i32"),
     "eps": "fp32",
-    **dict.fromkeys(("BLOCK", "RESIDUAL", "GATED", "AFFINE", "MODULATE", "SOFTWARE_BF16"), "constexpr"),
+    **dict.fromkeys(("BLOCK", "RESIDUAL", "GATED", "AFFINE", "MODULATE", "QUANTIZE"), "constexpr"),
+    **dict.fromkeys(("SOFTWARE_BF16", "INTERPRET"), "constexpr"),
 }
 RMS_ROPE = {
     "x_ptr": "*bf16",
@@ -46,6 +49,11 @@ FP8_QUANTISER = {
 }
 # Reduction widths K of the Wan linears' activations: 1536 / 5120 (q/k/v/o, FFN up), 8960 / 13824 (FFN down).
 FP8_WIDTHS = (1536, 5120, 13824)
+LAYER_NORM_E4M3 = {**LAYER_NORM, "codes_ptr": "*fp8e4nv"}
+FP8_NORMS = {
+    "modulated_norm_e4m3": dict(MODULATE=True),
+    "gated_add_affine_norm_e4m3": dict(RESIDUAL=True, GATED=True, AFFINE=True),
+}
 # The launcher specialises pointers and integers divisible by 16 (every Wan width and batch stride).
 ALIGNED = {"width", "vector_batch_stride", "gate_batch_stride", "K", "stride_xm"}
 
@@ -56,8 +64,8 @@ def compile_report(kernel, signature: dict, constexprs: dict, warps: int, capabi
         for i, name in enumerate(signature)
         if name.endswith("_ptr") or name in ALIGNED
     }
-    flag = "INTERPRET" if "INTERPRET" in signature else "SOFTWARE_BF16"
-    source = ASTSource(kernel, signature, {**constexprs, flag: False}, aligned)
+    flags = {flag: False for flag in ("INTERPRET", "SOFTWARE_BF16") if flag in signature}
+    source = ASTSource(kernel, signature, {**constexprs, **flags}, aligned)
     options = {"num_warps": warps, "enable_fp_fusion": False}
     ptx = compile_for(source, capability, options).asm["ptx"]
     return {
@@ -86,7 +94,7 @@ def main() -> None:
         "rms_norm": (fused_norms._rms_norm_rope_kernel, RMS_ROPE, dict(ROPE=False)),
         "gated_add": (fused_norms._gated_add_kernel, GATED_ADD, {}),
     }
-    defaults = dict(RESIDUAL=False, GATED=False, AFFINE=False, MODULATE=False)
+    defaults = dict(RESIDUAL=False, GATED=False, AFFINE=False, MODULATE=False, QUANTIZE=False)
     results = {}
     for name, (kernel, signature, flags) in variants.items():
         for width, (block, warps) in WIDTHS.items():
@@ -99,6 +107,13 @@ def main() -> None:
                     constexprs = {"BLOCK": block}
                 key = f"{name}/{width}/sm{capability}"
                 results[key] = compile_report(kernel, signature, constexprs, warps, capability)
+    # The norms that feed fp8 linears emit e4m3 codes themselves (FP8 GPUs only: sm89+).
+    for name, flags in FP8_NORMS.items():
+        for width, (block, warps) in WIDTHS.items():
+            constexprs = {**defaults, **flags, "QUANTIZE": True, "BLOCK": block}
+            results[f"{name}/{width}/sm90"] = compile_report(
+                fused_norms._layer_norm_kernel, LAYER_NORM_E4M3, constexprs, warps, 90
+            )
     for width in FP8_WIDTHS:
         rows, block_k = fp8_quant.launch_config(width)
         results[f"fp8_row_quantiser/{width}/sm90"] = compile_report(

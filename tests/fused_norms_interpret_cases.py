@@ -208,3 +208,46 @@ def test_tiny_dit_with_fused_ops_follows_the_spec_and_matches_pytorch_ops(tmp_pa
     assert (fused - expected).abs().max().item() <= 2e-3
     assert (fused - unfused).abs().max().item() <= 2e-3
     assert F.cosine_similarity(fused.flatten(), unfused.flatten(), dim=0).item() > 0.9999
+
+
+@pytest.mark.parametrize("width", (200, 1536))
+@pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float16, torch.float32))
+def test_layer_norm_emitting_e4m3_rows_equals_the_quantiser_on_its_output(kernels, width, dtype):
+    """`quantize_e4m3=True`: the same rows as quantize_rows_e4m3 of the kernel's own normalised output
+    (fp8_linear's per-token formula), for the three norms feeding fp8 linears; a constant row normalises to
+    zeros (amax floor), a row with a dominant channel gives subnormal e4m3 codes elsewhere."""
+    from comfyui_turbodiffusion.turbo_kernels.fp8_linear import quantize_rows_e4m3
+
+    x, y, modulation, weight, bias = _inputs(2, 5, width, dtype, seed=4)
+    x[0, 0] = 1.5
+    x[1, 2, 7] = 4000 if dtype != torch.float16 else 600
+    shift, scale, gate = modulation[:, 0:1], modulation[:, 1:2], modulation[:, 2:3]
+    for options in (
+        dict(shift=shift, scale=scale),
+        dict(residual=y, gate=gate, weight=weight, bias=bias),
+        dict(residual=y, shift=shift, scale=scale),
+    ):
+        plain = kernels.layer_norm_triton(x, EPS, **options)
+        rows = kernels.layer_norm_triton(x, EPS, quantize_e4m3=True, **options)
+        if "residual" in options:
+            assert torch.equal(rows[0], plain[0])
+            plain, rows = plain[1], rows[1]
+        codes, row_scale = quantize_rows_e4m3(plain.reshape(-1, width))
+        # Values, not bytes: the interpreter's e4m3 rounding (sage_prepass.to_e4m3) gives +0 where a tiny
+        # negative quotient underflows, the hardware and PyTorch -0; both contribute 0 to the GEMM.
+        assert torch.equal(rows[0].float(), codes.float())
+        assert torch.equal(rows[1], row_scale)
+
+
+def test_tiny_fp8_dit_with_fused_ops_equals_its_per_linear_formula_bit_for_bit():
+    """The fused kernels quantise the rows for q/k/v, cross q and FFN up themselves: the forward equals the
+    same model whose fp8 linears each quantise their (kernel-normalised) input by the formula."""
+    from comfyui_turbodiffusion.wan_models.block_ops import make_block_ops
+    from fused_fp8_rows_reference import inputs, per_linear_reference, tiny_fp8_dit
+
+    model = tiny_fp8_dit()
+    model.set_block_ops(make_block_ops("triton"))
+    reference = per_linear_reference(model)
+    x, t, context = inputs()
+    with torch.no_grad():
+        assert torch.equal(model(x, t, context), reference(x, t, context))

@@ -18,7 +18,7 @@ def report() -> dict:
 
 
 def test_every_variant_compiles_without_spills_or_fma(report):
-    assert len(report) == 6 * 2 * 2 + 3
+    assert len(report) == 6 * 2 * 2 + 2 * 2 + 3
     for name, variant in report.items():
         assert variant["spill_bytes"] == 0 and variant["registers"] <= 255, (name, variant)
         assert not variant["fma"], name
@@ -28,6 +28,13 @@ def test_fp8_quantiser_divides_correctly_rounded_and_converts_on_hardware(report
     quantisers = {name: variant for name, variant in report.items() if name.startswith("fp8_row_quantiser")}
     assert len(quantisers) == 3
     for name, variant in quantisers.items():
+        assert variant["div_rn"] and variant["e4m3_cvt"], name
+
+
+def test_norms_emitting_e4m3_divide_correctly_rounded_and_convert_on_hardware(report):
+    norms = {name: variant for name, variant in report.items() if "_norm_e4m3/" in name}
+    assert len(norms) == 4
+    for name, variant in norms.items():
         assert variant["div_rn"] and variant["e4m3_cvt"], name
 
 

@@ -11,7 +11,8 @@
   of 16.
 * `fp8_matmul_reference`: the same product in float32 on any device (e4m3×e4m3 products are exact in
   float32; the sum is float32).
-* `fp8_linear`: quantise x per token, multiply, cast to x's dtype, add the bias in that dtype.
+* `fp8_linear`: quantise x per token, multiply, cast to x's dtype, add the bias in that dtype;
+  `fp8_linear_quantized` the same from codes and scales quantised beforehand (once for several linears).
 
 Unlike the int8 format, nothing here must match a released checkpoint bit for bit: models are quantised to
 fp8 at load time. Accuracy (measured on the CPU, Gaussian x [512, 1536] with and without ×6 outlier
@@ -93,8 +94,22 @@ def fp8_linear(
     """x [M, K] -> [M, N] in x's dtype: per-token e4m3 quantisation (`quantize`, default
     `quantize_rows_e4m3`; `fp8_quant` has the same in Triton), FP8 matmul, then `+ bias`."""
     x_codes, x_scale = (quantize or quantize_rows_e4m3)(x)
-    if use_scaled_mm and scaled_mm_shape_ok(x.shape[1], weight_codes.shape[0], x.dtype):
-        out = fp8_matmul_scaled_mm(x_codes, x_scale, weight_codes, weight_scale, x.dtype)
+    return fp8_linear_quantized(x_codes, x_scale, x.dtype, weight_codes, weight_scale, bias, use_scaled_mm)
+
+
+def fp8_linear_quantized(
+    x_codes: torch.Tensor,
+    x_scale: torch.Tensor,
+    out_dtype: torch.dtype,
+    weight_codes: torch.Tensor,
+    weight_scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    use_scaled_mm: bool,
+) -> torch.Tensor:
+    """`fp8_linear` of activations already quantised per token (codes [M, K], scales [M]), e.g. once for
+    several linears reading the same input; `out_dtype` is the dtype x had."""
+    if use_scaled_mm and scaled_mm_shape_ok(x_codes.shape[1], weight_codes.shape[0], out_dtype):
+        out = fp8_matmul_scaled_mm(x_codes, x_scale, weight_codes, weight_scale, out_dtype)
     else:
-        out = fp8_matmul_reference(x_codes, x_scale, weight_codes, weight_scale, x.dtype)
+        out = fp8_matmul_reference(x_codes, x_scale, weight_codes, weight_scale, out_dtype)
     return out if bias is None else out + bias.to(out.dtype)

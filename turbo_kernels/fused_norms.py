@@ -12,6 +12,11 @@ float32 [B, 1, C] (any batch stride), norm weights float32 or `T`:
     the LayerNorm rounded to T *before* the modulation; neither: T(n).
   Returns the normalised rows, or (x', normalised) with a residual. One read of x (and residual), one or two
   writes, instead of the five to eight full passes with float32 temporaries of the unfused PyTorch ops.
+  With `quantize_e4m3=True` the normalised rows come as the fp8 linears' per-token input instead (issue 8):
+  (e4m3 codes [rows, C], float32 scale [rows]) = `fp8_linear.quantize_rows_e4m3` of the rounded rows, from
+  the row the program holds (amax, a correctly rounded 448/amax, product, saturating RTNE conversion): the
+  rows are not written in T and not read again by a quantiser per linear. Needs e4m3 conversion in hardware
+  (compute capability >= 8.9) or the interpreter.
 * `rms_norm_rope_triton(x, weight, eps, cos=None, sin=None)`: RMSNorm over the whole row (all heads, as
   Wan's q/k norms), n = T(float32(x)·rsqrt(mean(x²) + eps)·weight) with the weight multiply in float32, then
   (with cos/sin [L, D/2] float32) the interleaved 3-D RoPE of every head in float32: channel pair (2p, 2p+1)
@@ -43,11 +48,15 @@ import torch
 import triton
 import triton.language as tl
 
+from .fp8_linear import AMAX_FLOOR, E4M3, E4M3_MAX
 from .interpreter import interpreting
+from .sage_prepass import to_e4m3
 
 MAX_WIDTH = 16384
 # Rows up to this many (padded) elements use 4 warps (16 elements a thread); wider ones 8.
 FOUR_WARP_WIDTH = 2048
+_AMAX_FLOOR = tl.constexpr(AMAX_FLOOR)
+_E4M3_MAX = tl.constexpr(E4M3_MAX)
 
 
 @triton.jit
@@ -70,6 +79,8 @@ def _layer_norm_kernel(
     scale_ptr,
     x_out_ptr,
     out_ptr,
+    codes_ptr,
+    row_scale_ptr,
     tokens,
     width,
     vector_batch_stride,
@@ -79,7 +90,9 @@ def _layer_norm_kernel(
     GATED: tl.constexpr,
     AFFINE: tl.constexpr,
     MODULATE: tl.constexpr,
+    QUANTIZE: tl.constexpr,
     SOFTWARE_BF16: tl.constexpr,
+    INTERPRET: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     sample = row // tokens
@@ -109,7 +122,18 @@ def _layer_norm_kernel(
         scale = tl.load(scale_ptr + vectors, mask=mask, other=0.0)
         shift = tl.load(shift_ptr + vectors, mask=mask, other=0.0)
         normed = normed * (1.0 + scale) + shift
-    tl.store(out_ptr + row * width + cols, _round(normed, dtype, SOFTWARE_BF16), mask=mask)
+    normed = _round(normed, dtype, SOFTWARE_BF16)
+    if QUANTIZE:  # the rounded row, quantised as fp8_linear.quantize_rows_e4m3 does
+        values = normed.to(tl.float32)
+        row_amax = tl.maximum(tl.max(tl.where(mask, tl.abs(values), 0.0), axis=0), _AMAX_FLOOR)
+        amax = tl.zeros([1], tl.float32) + row_amax  # one-element tensors: div_rn takes no scalars
+        e4m3_max = tl.full([1], _E4M3_MAX, tl.float32)
+        inverse = tl.math.div_rn(e4m3_max, amax)
+        quotient = tl.minimum(tl.maximum(values * inverse, -_E4M3_MAX), _E4M3_MAX)
+        tl.store(codes_ptr + row * width + cols, to_e4m3(quotient, INTERPRET), mask=mask)
+        tl.store(row_scale_ptr + row + tl.arange(0, 1), tl.math.div_rn(amax, e4m3_max))
+    else:
+        tl.store(out_ptr + row * width + cols, normed, mask=mask)
 
 
 @triton.jit
@@ -222,8 +246,10 @@ def layer_norm_triton(
     bias: torch.Tensor | None = None,
     shift: torch.Tensor | None = None,
     scale: torch.Tensor | None = None,
-) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """LayerNorm (float32) of x or of x + residual[·gate], plain, affine or modulated (module docstring)."""
+    quantize_e4m3: bool = False,
+):
+    """LayerNorm (float32) of x or of x + residual[·gate], plain, affine or modulated (module docstring).
+    With `quantize_e4m3` the normalised rows come as (e4m3 codes [rows, C], float32 scale per row) instead."""
     rows, tokens, width = _rows(x)
     affine, modulate = weight is not None, shift is not None
     if affine and modulate:
@@ -238,8 +264,10 @@ def layer_norm_triton(
     strides = {_per_sample(v, x, name) for name, v in vectors.items() if v is not None}
     if len(strides) > 1:
         raise ValueError("gate, shift and scale must share one batch stride (chunks of one modulation)")
-    out = torch.empty_like(x)
+    out = x if quantize_e4m3 else torch.empty_like(x)  # x: placeholder, not written
     x_out = torch.empty_like(x) if residual is not None else out
+    codes = torch.empty(rows, width, dtype=E4M3, device=x.device) if quantize_e4m3 else x
+    row_scale = torch.empty(rows, dtype=torch.float32, device=x.device) if quantize_e4m3 else x
     block = triton.next_power_of_2(width)
     _layer_norm_kernel[(rows,)](
         x,
@@ -251,6 +279,8 @@ def layer_norm_triton(
         scale if modulate else x,
         x_out,
         out,
+        codes,
+        row_scale,
         tokens,
         width,
         strides.pop() if strides else 0,
@@ -260,10 +290,13 @@ def layer_norm_triton(
         GATED=gate is not None,
         AFFINE=affine,
         MODULATE=modulate,
+        QUANTIZE=quantize_e4m3,
         SOFTWARE_BF16=_software_bf16(x.dtype),
+        INTERPRET=interpreting(),
         **_launch_options(block),
     )
-    return (x_out, out) if residual is not None else out
+    normed = (codes, row_scale) if quantize_e4m3 else out
+    return (x_out, normed) if residual is not None else normed
 
 
 def rms_norm_rope_triton(

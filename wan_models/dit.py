@@ -24,7 +24,7 @@ from torch import nn
 
 from .block_ops import TORCH_BLOCK_OPS, BlockOps, layer_norm, rms_norm_rope
 from .config import WanDiTConfig
-from .linear_layers import LinearFactory
+from .linear_layers import LinearFactory, takes_fp8_activations
 from .rope import RopeTable
 
 AttentionFn = Callable[..., torch.Tensor]
@@ -170,14 +170,34 @@ class WanBlock(nn.Module):
     ) -> torch.Tensor:
         modulation = (self.modulation.float() + e0).chunk(6, dim=1)
         shift_sa, scale_sa, gate_sa, shift_ff, scale_ff, gate_ff = modulation
-        attention_input = ops.modulated_norm(x, shift_sa, scale_sa, self.eps)
+        fp8_sa, fp8_cross, fp8_ffn = self.fp8_inputs(x.dtype)
+        attention_input = ops.modulated_norm(x, shift_sa, scale_sa, self.eps, fp8=fp8_sa)
         attended = self.self_attn(attention_input, cos, sin, attention.self_attention, ops)
         x, cross_input = ops.add_and_norm(
-            x, attended, gate_sa, self.norm3.eps, weight=self.norm3.weight, bias=self.norm3.bias
+            x,
+            attended,
+            gate_sa,
+            self.norm3.eps,
+            weight=self.norm3.weight,
+            bias=self.norm3.bias,
+            fp8=fp8_cross,
         )
         attended = self.cross_attn(cross_input, context, attention.cross_attention, ops)
-        x, ffn_input = ops.add_and_norm(x, attended, None, self.eps, shift=shift_ff, scale=scale_ff)
-        return ops.gated_add(x, self.ffn(ffn_input), gate_ff)
+        x, ffn_input = ops.add_and_norm(
+            x, attended, None, self.eps, shift=shift_ff, scale=scale_ff, fp8=fp8_ffn
+        )
+        hidden = ops.linear_gelu(self.ffn[0], ffn_input)
+        return ops.gated_add(x, self.ffn[2](hidden), gate_ff)
+
+    def fp8_inputs(self, dtype: torch.dtype) -> tuple[bool, bool, bool]:
+        """Whether the rows read by self-attention's q/k/v, cross-attention's q and the FFN up-projection
+        are to be quantised once by the norm producing them (every reader an fp8 W8A8 linear)."""
+        attn, cross = self.self_attn, self.cross_attn
+        return (
+            takes_fp8_activations((attn.q, attn.k, attn.v), dtype),
+            takes_fp8_activations((cross.q,), dtype),
+            takes_fp8_activations((self.ffn[0],), dtype),
+        )
 
 
 class Head(nn.Module):

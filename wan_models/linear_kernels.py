@@ -22,7 +22,12 @@ from importlib.metadata import PackageNotFoundError, version
 
 import torch
 
-from ..turbo_kernels.fp8_linear import SCALED_MM_MIN_CAPABILITY, fp8_linear, quantize_rows_e4m3
+from ..turbo_kernels.fp8_linear import (
+    SCALED_MM_MIN_CAPABILITY,
+    fp8_linear,
+    fp8_linear_quantized,
+    quantize_rows_e4m3,
+)
 from ..turbo_kernels.w8a8_reference import quantize_tiles, w8a8_linear
 
 logger = logging.getLogger(__name__)
@@ -92,9 +97,42 @@ def fp8_w8a8_linear(
     x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None
 ) -> torch.Tensor:
     """FP8 W8A8 linear of a 2-D x on the fastest path that passed its self-check on x's device."""
+    x_codes, x_scale = quantize_fp8_activations(x)
+    return fp8_w8a8_linear_quantized(x_codes, x_scale, x.dtype, codes, scale, bias)
+
+
+@torch.compiler.disable
+def quantize_fp8_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token e4m3 codes and scales of a 2-D x, as the fp8 linears on x's device quantise their input:
+    the Triton quantiser where the fast path runs and the quantiser passed its check, PyTorch's elsewhere
+    (the same numbers either way)."""
     if _fp8_path(x.device) == "scaled_mm":
-        return fp8_linear(x, codes, scale, bias, use_scaled_mm=True, quantize=_fp8_quantizer(x.device))
-    return fp8_linear(x, codes, scale, bias, use_scaled_mm=False)
+        return _fp8_quantizer(x.device)(x)
+    return quantize_rows_e4m3(x)
+
+
+@torch.compiler.disable
+def fp8_w8a8_linear_quantized(
+    x_codes: torch.Tensor,
+    x_scale: torch.Tensor,
+    out_dtype: torch.dtype,
+    codes: torch.Tensor,
+    scale: torch.Tensor,
+    bias: torch.Tensor | None,
+) -> torch.Tensor:
+    """`fp8_w8a8_linear` of activations quantised beforehand (`quantize_fp8_activations` or a kernel
+    emitting the same codes and scales)."""
+    use_scaled_mm = _fp8_path(x_codes.device) == "scaled_mm"
+    return fp8_linear_quantized(x_codes, x_scale, out_dtype, codes, scale, bias, use_scaled_mm)
+
+
+def triton_quantises_fp8_activations(device: torch.device) -> bool:
+    """Whether the fp8 linears on a CUDA device run `_scaled_mm` with the Triton activation quantiser,
+    i.e. Triton's e4m3 conversion runs there and agreed with PyTorch's quantiser: then a Triton kernel
+    may emit the codes itself (the fused LayerNorm of `turbo_kernels.fused_norms`)."""
+    if device.type != "cuda" or _fp8_path(device) != "scaled_mm":
+        return False
+    return _fp8_quantizer(device) is not quantize_rows_e4m3
 
 
 def _capability(device: torch.device) -> tuple[int, int] | None:

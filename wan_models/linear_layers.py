@@ -13,12 +13,18 @@ How the quantised layers compute (`activations`):
   the reference semantics on every device, the CPU included; a float32 model exists to get the most
   accurate answer the stored weights allow, which quantising its activations would throw away.
 Which kernel runs on a device is decided in `linear_kernels`.
+
+An `Fp8Linear` in W8A8 mode also takes `Fp8Activations`, an input quantised beforehand: the block quantises
+the normalised rows that q, k and v (or cross-attention's q, or FFN's up-projection) read once, in the
+LayerNorm kernel where it can, instead of once per linear (`takes_fp8_activations` says where that applies).
+The codes and scales are those the layer would compute itself, so the outputs are the same bit for bit.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -27,7 +33,7 @@ from torch import nn
 from ..turbo_kernels.fp8_linear import E4M3
 from ..turbo_kernels.w8a8_reference import TILE as INT8_TILE
 from ..turbo_kernels.w8a8_reference import dequantize_tiles
-from .linear_kernels import fp8_w8a8_linear, int8_linear
+from .linear_kernels import fp8_w8a8_linear, fp8_w8a8_linear_quantized, int8_linear
 
 LinearFactory = Callable[..., nn.Module]
 ACTIVATION_MODES = ("auto", "w8a8", "weight_only")
@@ -39,6 +45,17 @@ def quantizes_activations(activations: str, dtype: torch.dtype) -> bool:
     if activations not in ACTIVATION_MODES:
         raise ValueError(f"activations must be one of {ACTIVATION_MODES}, got {activations!r}")
     return activations == "w8a8" or (activations == "auto" and dtype in HALF_DTYPES)
+
+
+@dataclass(frozen=True)
+class Fp8Activations:
+    """An fp8 linear's input x [..., K] quantised per token: e4m3 `codes` [M, K] and float32 `scale` [M] of
+    x viewed as M rows, with x's `shape` and `dtype` (the output's dtype)."""
+
+    codes: torch.Tensor
+    scale: torch.Tensor
+    shape: torch.Size
+    dtype: torch.dtype
 
 
 class _QuantisedLinear(nn.Module):
@@ -123,6 +140,17 @@ class Fp8Linear(_QuantisedLinear):
         self.register_buffer("weight", torch.empty(rows, columns, dtype=E4M3, device=device))
         self.register_buffer("weight_scale", torch.empty(rows, dtype=torch.float32, device=device))
 
+    def forward(self, x: torch.Tensor | Fp8Activations) -> torch.Tensor:
+        if not isinstance(x, Fp8Activations):
+            return super().forward(x)
+        if x.shape[-1] != self.in_features or not quantizes_activations(self.activations, x.dtype):
+            raise ValueError(
+                f"{self} got activations quantised beforehand ({tuple(x.shape)}, {x.dtype}) that it does not "
+                f"take; check takes_fp8_activations before quantising"
+            )
+        out = fp8_w8a8_linear_quantized(x.codes, x.scale, x.dtype, self.weight, self.weight_scale, self.bias)
+        return out.reshape(*x.shape[:-1], self.out_features)
+
     def w8a8(self, x: torch.Tensor) -> torch.Tensor:
         return fp8_w8a8_linear(x, self.weight, self.weight_scale, self.bias)
 
@@ -131,6 +159,14 @@ class Fp8Linear(_QuantisedLinear):
 
 
 QUANTISED_LINEARS = (Int8Linear, Fp8Linear)
+
+
+def takes_fp8_activations(layers: Iterable[nn.Module], dtype: torch.dtype) -> bool:
+    """Whether every layer is an `Fp8Linear` quantising inputs of `dtype` (W8A8): then they can share one
+    `Fp8Activations` of their common input."""
+    return all(
+        isinstance(layer, Fp8Linear) and quantizes_activations(layer.activations, dtype) for layer in layers
+    )
 
 
 def set_linear_activations(model: nn.Module, activations: str) -> None:
