@@ -189,10 +189,10 @@ def gemm_table(
                 speedup = "" if name == "bf16" else f" x{times['bf16'] / ms:.2f}"
                 row.append(f"{ms:.3f} ms {flop / ms / 1e9:.1f}{speedup}")
             row.append(" ".join(f"{errors[name]:.3f}" for name in ERROR_COLUMNS))
-            row.append(f"{rw.relative_error:.4f}")
+            row.append(f"{rw.relative_error:.4f} / {rw.worst_tile_error:.4f}")
             rows.append(row)
             del x, w, codes, scale, x_codes, x_scale, rw, xr_codes, xr_scale, w8, ws8, x8, xs8, reference
-    table(["M", "layer", *paths, "err " + " / ".join(ERROR_COLUMNS), "rw requant err"], rows)
+    table(["M", "layer", *paths, "err " + " / ".join(ERROR_COLUMNS), "rw requant err / worst tile"], rows)
     headline = [r for r in rows if r[0] == str(tokens[-1]) and r[1] == layers[3][0]] if cuda else []
     if headline:
         cells = ", ".join(f"{name}: {cell}" for name, cell in zip(paths, headline[0][2:]))

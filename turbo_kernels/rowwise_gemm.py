@@ -13,18 +13,24 @@ Computes, for A [M, K] and B [N, K] both int8 or both float8_e4m3fn (row-major, 
   amax_r / 127, code = round-half-even(x · (127 / amax_r)) saturated to ±127, amax floored at 1e-8, 127/amax
   and amax/127 correctly rounded (the kernel body is shared with the e4m3 quantiser: `row_quant.py`).
 * `requantize_tiles_to_rows`: a `-quant` checkpoint weight (int8, one scale per 128×128 tile) to per-output-
-  channel int8: w = code · s_tile in float32, then the row quantiser above (s_n = max_k|w| / 127), with the
-  rel-L2 distance to the tile weight so that a caller can refuse a layer that loses too much.
+  channel int8: w = code · s_tile in float32, then the row quantiser above (s_n = max_k|w| / 127), with its
+  rel-L2 distance to the tile weight, over the matrix and for the worst tile, so that a caller can refuse a
+  layer that loses too much.
 * `rowwise_linear`: x [..., K] -> quantise per token (int8 or e4m3, like the weight) -> GEMM -> [..., N] bf16.
 
-Kernel: persistent (one program per SM, tiles in grouped order so GROUP_M row tiles share the B tiles they
-read from L2), A and B loaded through TMA tensor descriptors where the GPU and the layout allow it (sm90+,
-16-byte aligned rows: K % 16 == 0, N % 8 == 0; host-side `triton.tools.tensor_descriptor`, Triton >= 3.4),
-else pointer loads (Ampere / Ada, odd shapes). The tile loop and the K loop form one flattened software
-pipeline (`tl.range(..., flatten=True)`), so the loads of the next tile overlap this tile's epilogue; the
-output tile is stored through TMA as two halves (half the shared memory of one store). No autotuning at
-run time: `default_config` picks a `RowwiseGemmConfig` from a per-architecture table (bench/memory.py has
-the sweep the Hopper entries should come from).
+Kernel: persistent (programs_per_sm programs per SM, tiles in grouped order so GROUP_M row tiles share the B
+tiles they read from L2), A and B loaded and the output stored through TMA tensor descriptors where the GPU
+and the layout allow it (sm90+, 16-byte aligned rows: K % 16 == 0, N % 8 == 0), else pointer loads (Ampere /
+Ada, odd shapes). The descriptors are host-side (`triton.tools.tensor_descriptor`, Triton >= 3.3): the in-
+kernel `tl.make_tensor_descriptor` (Triton >= 3.4; `tl._experimental_make_tensor_descriptor` in 3.3) needs a
+global scratch allocator set with `triton.set_allocator`, process-wide state a node pack should not set
+behind ComfyUI's back. The tile loop and the K loop form one flattened software pipeline
+(`tl.range(..., flatten=True)`, Triton >= 3.4), so the loads of the next tile overlap this tile's epilogue;
+the output tile is stored as two halves (half the shared memory of one store). On Hopper Triton keeps only
+float32-accumulating `wgmma` in flight (its WGMMA pipeliner, 2026): the fp8 dot is asynchronous, the int8 dot
+waits for completion every K step, which two programs per SM hide. No autotuning at run time:
+`default_config` picks a `RowwiseGemmConfig` from a per-architecture table (bench/memory.py has the sweep
+the Hopper entries should come from).
 
 Contract: a, b contiguous, same dtype (int8 or float8_e4m3fn); a_scale [M] and b_scale [N] float32; bias [N]
 (any float dtype, read as float32) or None; any M, N, K >= 1 (tails zero-filled by TMA or masked). Output
@@ -53,7 +59,7 @@ from .fp8_quant import quantize_rows_e4m3_triton
 from .int8_gemm import _cast
 from .interpreter import interpreting
 from .row_quant import AMAX_FLOOR, quantize_rows, quantize_rows_body
-from .w8a8_reference import dequantize_tiles
+from .w8a8_reference import TILE, dequantize_tiles, tile_grid
 
 try:
     from triton.tools.tensor_descriptor import TensorDescriptor
@@ -139,6 +145,8 @@ def _triton_version() -> tuple[int, int]:
 
 def rowwise_gemm_supported(device: torch.device, code_dtype: torch.dtype) -> bool:
     """Whether `rowwise_matmul` runs on `device` with operands of `code_dtype` at tensor-core speed."""
+    if _triton_version() < (3, 4):  # tl.range(flatten=...)
+        return False
     if device.type != "cuda":
         return interpreting() and code_dtype in CODE_DTYPES
     capability = torch.cuda.get_device_capability(device)
@@ -326,12 +334,16 @@ def quantize_rows_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 @dataclass(frozen=True)
 class RowwiseInt8Weight:
-    """A linear weight in the row-wise int8 format: `codes` int8 [N, K], `scale` float32 [N], and the rel-L2
-    distance ‖codes·scale − W_tiles‖ / ‖W_tiles‖ to the 128×128-tile weight it came from."""
+    """A linear weight in the row-wise int8 format, `codes` int8 [N, K] and `scale` float32 [N], with its
+    distance to the 128×128-tile weight W it came from: `relative_error` = ‖codes·scale − W‖ / ‖W‖ over the
+    matrix, `worst_tile_error` the same ratio for the worst 128×128 tile. A row whose scale is set by one
+    large tile rounds its small tiles to almost nothing; the large tile dominates the norms of the matrix and
+    of the row, so only the per-tile ratio shows it."""
 
     codes: torch.Tensor
     scale: torch.Tensor
     relative_error: float
+    worst_tile_error: float
 
 
 def requantize_tiles_to_rows(codes: torch.Tensor, tile_scale: torch.Tensor) -> RowwiseInt8Weight:
@@ -341,7 +353,15 @@ def requantize_tiles_to_rows(codes: torch.Tensor, tile_scale: torch.Tensor) -> R
     row_codes, row_scale = quantize_rows_int8(weight)
     difference = (row_codes.float() * row_scale[:, None]).sub_(weight)
     error = (difference.norm() / weight.norm().clamp_min(AMAX_FLOOR)).item()
-    return RowwiseInt8Weight(row_codes, row_scale, error)
+    tile_errors = _tile_norms(difference) / _tile_norms(weight).clamp_min(AMAX_FLOOR)
+    return RowwiseInt8Weight(row_codes, row_scale, error, tile_errors.max().item())
+
+
+def _tile_norms(x: torch.Tensor) -> torch.Tensor:
+    """L2 norm of every 128×128 tile of a 2-D x (zero-padded at the edges), shape `tile_grid(*x.shape)`."""
+    tile_rows, tile_columns = tile_grid(*x.shape)
+    padded = F.pad(x, (0, tile_columns * TILE - x.shape[1], 0, tile_rows * TILE - x.shape[0]))
+    return padded.view(tile_rows, TILE, tile_columns, TILE).square().sum(dim=(1, 3)).sqrt()
 
 
 def rowwise_matmul_reference(
