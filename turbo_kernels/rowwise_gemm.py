@@ -42,7 +42,9 @@ Tested (no GPU in CI): tests/rowwise_gemm_interpret_cases.py runs the kernels un
 (descriptor and pointer paths, ragged M/N/K, bias, GELU) against formulas written in the test: int8 exact
 in int64, then scaled in float64 (within one bf16 ulp); fp8 against float64; the quantiser bit-exact.
 tests/rowwise_gemm_compile_check.py compiles the default configs for sm80/89/90 (no spills; int8 → wgmma
-s32.s8.s8, fp8 → wgmma e4m3 on sm90). Speed on a GPU: not measured when this was written (2026-11-21).
+s32.s8.s8, fp8 → wgmma e4m3 on sm90); run by hand with Triton 3.6.0 (the GPU's) and 3.9.0 (CI's) on
+2026-11-21: both compile, 3.6 needs the explicit int32 `out_dtype` of the int8 dot. Speed on a GPU: not
+measured when this was written.
 """
 
 from __future__ import annotations
@@ -276,7 +278,7 @@ def _rowwise_gemm_kernel(
                 in_k = (k0 + offs_k)[None, :] < K
                 a_tile = tl.load(a_rows + (k0 + offs_k)[None, :], mask=in_k, other=0.0)
                 b_tile = tl.load(b_rows + (k0 + offs_k)[None, :], mask=in_k, other=0.0)
-            acc = tl.dot(a_tile, b_tile.T, acc)
+            acc = tl.dot(a_tile, b_tile.T, acc, out_dtype=acc.dtype)  # Triton 3.6 needs out_dtype for int32
         _epilogue(
             acc,
             out,
