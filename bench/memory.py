@@ -1,11 +1,14 @@
 """Memory and speed of the quantised and block-swapped Wan DiT (issue 6, item 4). One call, three tables:
 
 1. GEMM throughput at the Wan shapes (M = 32760 and 75600 tokens; K, N of the 1.3B and 14B block linears):
-   bf16 `torch.matmul` against the int8 W8A8 Triton path (with and without its activation quantiser) and the
-   fp8 path (per-token quantisation, by Triton on FP8 GPUs, + `torch._scaled_mm`, and `_scaled_mm` alone),
-   side by side, with each path's rel-L2 error against the bf16 product as a sanity check; then a few int8
-   tile configs at
-   M = 75600, K = N = 5120.
+   bf16 `torch.matmul` against the int8 W8A8 Triton path for the `-quant` 128×128-tile format (with and
+   without its activation quantiser: "int8", "int8 gemm"), the row-wise int8 path of
+   turbo_kernels/rowwise_gemm.py (per-token Triton quantiser + GEMM: "int8 rw"; GEMM alone: "int8 rw gemm";
+   its weight re-quantised from the tile format, error printed), the fp8 path (per-token quantisation, by
+   Triton on FP8 GPUs, + `torch._scaled_mm`: "fp8"; `_scaled_mm` alone: "fp8 mm") and the row-wise Triton
+   GEMM on the same fp8 inputs ("fp8 tri gemm"), side by side, with rel-L2 errors against the bf16 product
+   as a sanity check. Then a few tile configs of the tile-format int8 GEMM at M = 75600, K = N = 5120, and a
+   sweep of row-wise GEMM configs (int8 and fp8) at M 75600, K = N 5120 and M 32760, K 1536, N 8960.
 2. Load-time int8 quantisation of a 14B bf16 state dict held on the CPU, one layer at a time on the GPU:
    peak GPU memory next to the size of the int8 model.
 3. One DiT step (one forward; rCM runs one per step) of random-weight models at full size: the A14B I2V expert
@@ -15,10 +18,12 @@
    activation estimate used by `plan_block_swap` is printed beside it.
 
 Usage, from the repository root:
-    python bench/memory.py                 # a CUDA GPU with >= 64 GB (H100 / H200), about 5-8 minutes
+    python bench/memory.py                 # a CUDA GPU with >= 64 GB (H100 / H200), about 8-11 minutes
+    python bench/memory.py --skip load,steps   # the GEMM tables and sweeps only, about 3 minutes
     python bench/memory.py --dry-run       # tiny shapes on the CPU: checks that every path runs
 Options: --attention sagesla|sla|sdpa (default sagesla), --steps N timed forwards per scenario (2),
---skip gemm,load,steps. Prints the tables and appends nothing anywhere: copy them into bench/RESULTS.md.
+--skip gemm,sweep,load,steps (sweep: the config sweeps after the GEMM table). Prints the tables and appends
+nothing anywhere: copy them into bench/RESULTS.md.
 """
 
 from __future__ import annotations
