@@ -54,3 +54,18 @@ def test_fp8_on_gpu():
     assert relative_l2(out, fp8_linear_f64(x, codes, scale, bias)) < 5e-3
     if torch.cuda.get_device_capability() >= (9, 0):
         assert use_scaled_mm
+
+
+def test_fp8_bias_in_the_scaled_mm_epilogue():
+    """Where this PyTorch adds the bias inside `_scaled_mm`, the result is the formula's within tolerance and
+    the Triton quantiser agrees with PyTorch's bit for bit (else the fp8 linears would use the slow one)."""
+    x, weight, bias = _problem(1000, 1536, 8960)
+    codes, scale = quantize_rows_e4m3(weight)
+    device = torch.device("cuda", torch.cuda.current_device())
+    if linear_kernels._fp8_path(device) != "scaled_mm":
+        pytest.skip("no FP8 tensor cores")
+    assert linear_kernels.triton_quantises_fp8_activations(device)
+    fused = linear_kernels._scaled_mm_adds_bias(device)
+    cuda = [t.cuda() for t in (x, codes, scale, bias)]
+    out = fp8_linear(*cuda, use_scaled_mm=True, bias_in_gemm=fused).cpu()
+    assert relative_l2(out, fp8_linear_f64(x, codes, scale, bias)) < 5e-3

@@ -123,7 +123,8 @@ def fp8_w8a8_linear_quantized(
     """`fp8_w8a8_linear` of activations quantised beforehand (`quantize_fp8_activations` or a kernel
     emitting the same codes and scales)."""
     use_scaled_mm = _fp8_path(x_codes.device) == "scaled_mm"
-    return fp8_linear_quantized(x_codes, x_scale, out_dtype, codes, scale, bias, use_scaled_mm)
+    bias_in_gemm = use_scaled_mm and bias is not None and _scaled_mm_adds_bias(x_codes.device)
+    return fp8_linear_quantized(x_codes, x_scale, out_dtype, codes, scale, bias, use_scaled_mm, bias_in_gemm)
 
 
 def triton_quantises_fp8_activations(device: torch.device) -> bool:
@@ -165,6 +166,27 @@ def _fp8_path(device: torch.device) -> str:
         plan = _checked(plan, device, _compare_fp8)
     _log(plan, device)
     return plan.path
+
+
+@functools.cache
+def _scaled_mm_adds_bias(device: torch.device) -> bool:
+    """Whether this PyTorch's `_scaled_mm` takes a bias with row-wise scales on `device` and gives the
+    separate add's result within the fast path's tolerance (checked once; older builds refuse the bias)."""
+    x, weight, bias = _check_problem(device)
+    codes, scale = quantize_rows_e4m3(weight)
+    try:
+        fused = fp8_linear(x, codes, scale, bias, use_scaled_mm=True, bias_in_gemm=True)
+        error = _relative_error(fused, fp8_linear(x, codes, scale, bias, use_scaled_mm=True))
+    except Exception as failure:  # a PyTorch build without the epilogue: keep the separate add
+        logger.info("fp8 linears: bias added after _scaled_mm on %s (%r)", device, failure)
+        return False
+    if error > CHECK_RELATIVE_TOLERANCE:
+        logger.warning(
+            "fp8 linears: _scaled_mm's bias epilogue disagrees on %s (%.2e); not used", device, error
+        )
+        return False
+    logger.info("fp8 linears: bias added in _scaled_mm's epilogue on %s", device)
+    return True
 
 
 @functools.cache
