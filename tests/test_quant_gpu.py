@@ -49,11 +49,11 @@ def test_fp8_on_gpu():
     x, weight, bias = _problem(1000, 1536, 1536)
     codes, scale = quantize_rows_e4m3(weight)
     device = torch.device("cuda", torch.cuda.current_device())
-    use_scaled_mm = linear_kernels._fp8_path(device) == "scaled_mm"
-    out = fp8_linear(x.cuda(), codes.cuda(), scale.cuda(), bias.cuda(), use_scaled_mm).cpu()
+    fast = linear_kernels._fp8_path(device) in linear_kernels.FAST_FP8_PATHS
+    out = fp8_linear(x.cuda(), codes.cuda(), scale.cuda(), bias.cuda(), fast).cpu()
     assert relative_l2(out, fp8_linear_f64(x, codes, scale, bias)) < 5e-3
     if torch.cuda.get_device_capability() >= (9, 0):
-        assert use_scaled_mm
+        assert fast
 
 
 def test_fp8_bias_in_the_scaled_mm_epilogue():
@@ -62,7 +62,7 @@ def test_fp8_bias_in_the_scaled_mm_epilogue():
     x, weight, bias = _problem(1000, 1536, 8960)
     codes, scale = quantize_rows_e4m3(weight)
     device = torch.device("cuda", torch.cuda.current_device())
-    if linear_kernels._fp8_path(device) != "scaled_mm":
+    if linear_kernels._fp8_path(device) not in linear_kernels.FAST_FP8_PATHS:
         pytest.skip("no FP8 tensor cores")
     assert linear_kernels.triton_quantises_fp8_activations(device)
     fused = linear_kernels._scaled_mm_adds_bias(device)

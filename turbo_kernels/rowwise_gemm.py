@@ -69,6 +69,7 @@ except ImportError:  # Triton without host-side tensor descriptors: pointer load
     TensorDescriptor = None
 
 INT8_LEVELS = 127.0
+MIN_TRITON = (3, 4)  # tl.range(flatten=...)
 _INT8_LEVELS = tl.constexpr(INT8_LEVELS)
 # F.gelu(approximate="tanh"): 0.5·y·(1 + tanh(√(2/π)·(y + 0.044715·y³))).
 _GELU_SCALE = tl.constexpr(0.7978845608028654)
@@ -147,15 +148,21 @@ def _triton_version() -> tuple[int, int]:
 
 def rowwise_gemm_supported(device: torch.device, code_dtype: torch.dtype) -> bool:
     """Whether `rowwise_matmul` runs on `device` with operands of `code_dtype` at tensor-core speed."""
-    if _triton_version() < (3, 4):  # tl.range(flatten=...)
-        return False
     if device.type != "cuda":
-        return interpreting() and code_dtype in CODE_DTYPES
-    capability = torch.cuda.get_device_capability(device)
+        return _triton_version() >= MIN_TRITON and interpreting() and code_dtype in CODE_DTYPES
+    return rowwise_gemm_capable(torch.cuda.get_device_capability(device), _triton_version(), code_dtype)
+
+
+def rowwise_gemm_capable(
+    capability: tuple[int, int], triton_version: tuple[int, int], code_dtype: torch.dtype
+) -> bool:
+    """`rowwise_gemm_supported` for a CUDA GPU of `capability` and a Triton version (pure)."""
+    if triton_version < MIN_TRITON:
+        return False
     if code_dtype == torch.int8:
         return capability >= (8, 0)
     if code_dtype == E4M3:
-        return capability >= (8, 9) and (capability[0] < 12 or _triton_version() >= (3, 6))
+        return capability >= (8, 9) and (capability[0] < 12 or triton_version >= (3, 6))
     return False
 
 

@@ -31,7 +31,9 @@ approximation (PyTorch's fallback without cuBLASLt calls `gelu(..., "tanh")` to 
 in float32, where tanh and erf GELU differ well above the float32 error). It is applied to the float32
 accumulator plus bias and rounded to T once, where the unfused path rounds layer(x) to T first: the results
 agree within one rounding of T. On the CPU `torch._addmm_activation` applies the exact (erf) GELU, another
-function, so the CPU always runs the two operations.
+function, so the CPU always runs the two operations. A quantised FFN up-projection whose GEMM applies the
+GELU in its own epilogue (`fuses_gelu` of the layers in `linear_layers`: the Triton row-wise GEMM of the fp8
+and int8 row-wise linears) gets `gelu=True` instead: bias and GELU on the float32 accumulator, one rounding.
 """
 
 from __future__ import annotations
@@ -47,7 +49,7 @@ from torch import nn
 
 from .attention import installed_triton_version
 from .linear_kernels import quantize_fp8_activations, triton_quantises_fp8_activations
-from .linear_layers import Fp8Activations
+from .linear_layers import QUANTISED_LINEARS, Fp8Activations
 from .rope import apply_rope
 
 BLOCK_OPS_CHOICES = ("auto", "torch", "triton")
@@ -259,6 +261,8 @@ class FusedBlockOps:
         )
 
     def linear_gelu(self, layer, x):
+        if isinstance(layer, QUANTISED_LINEARS) and layer.fuses_gelu(x):
+            return layer(x, gelu=True)
         if gelu_epilogue_applies(layer, x) and self._epilogue_checked(x.device):
             return linear_gelu_epilogue(layer, x)
         return linear_gelu(layer, x)

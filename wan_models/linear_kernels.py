@@ -2,14 +2,20 @@
 
 * int8 W8A8 (`Int8Linear`): the Triton kernels of `turbo_kernels.int8_gemm` on CUDA GPUs of compute
   capability >= 8.0 with Triton >= 3.2; the exact PyTorch path of `turbo_kernels.w8a8_reference` elsewhere.
-* fp8 W8A8 (`Fp8Linear`): `torch._scaled_mm` on GPUs with FP8 tensor cores (>= 8.9), its activations
-  quantised by the Triton kernel of `turbo_kernels.fp8_quant` (checked bit for bit against the PyTorch
-  quantiser first; PyTorch's is kept otherwise); the float32 reference of `turbo_kernels.fp8_linear`
-  elsewhere.
+* fp8 W8A8 (`Fp8Linear`): the row-wise Triton GEMM of `turbo_kernels.rowwise_gemm` where
+  `rowwise_gemm_capable` allows it (FP8 tensor cores, Triton >= 3.4), with the bias and, on request, the
+  FFN's GELU-tanh applied once in float32 in its epilogue; else `torch._scaled_mm` on GPUs with FP8 tensor
+  cores (>= 8.9); the activations of both quantised by the Triton kernel of `turbo_kernels.fp8_quant`
+  (checked bit for bit against the PyTorch quantiser first; PyTorch's is kept otherwise); the float32
+  reference of `turbo_kernels.fp8_linear` elsewhere.
 
 A fast path is checked once per device against its reference on a small random problem before it is used;
-if it fails or disagrees (a Triton or driver version this was not tested with), the reference runs instead
-and the reason is logged once.
+if it fails or disagrees (a Triton or driver version this was not tested with), the next path in that order
+runs instead and the reason is logged once.
+
+`gelu=True` asks for GELU_tanh(x·Wᵀ + b): in the Triton epilogue where that runs, else on the float32 value
+before the one rounding to the output dtype (reference) or after the GEMM (`_scaled_mm`, which has no GELU
+epilogue); `fp8_gemm_fuses_gelu` says where it costs nothing.
 """
 
 from __future__ import annotations
@@ -21,11 +27,14 @@ from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 
 import torch
+import torch.nn.functional as F
 
 from ..turbo_kernels.fp8_linear import (
+    E4M3,
     SCALED_MM_MIN_CAPABILITY,
     fp8_linear,
     fp8_linear_quantized,
+    fp8_matmul_reference,
     quantize_rows_e4m3,
 )
 from ..turbo_kernels.w8a8_reference import quantize_tiles, w8a8_linear
@@ -36,6 +45,7 @@ MIN_TRITON = (3, 2)
 MIN_INT8_CAPABILITY = (8, 0)
 # Self-check problem: ragged M and two K tiles, bf16 like the model's activations.
 CHECK_SHAPE = (200, 256, 384)  # M, K, N
+FAST_FP8_PATHS = ("triton", "scaled_mm")
 # Fast and reference paths may differ by one bf16 rounding (FMA accumulation); allow two bf16 ulps.
 CHECK_RELATIVE_TOLERANCE = 2**-7
 
@@ -67,8 +77,13 @@ def plan_int8(
     return LinearPlan("triton", "int8 linears: Triton W8A8 kernels")
 
 
-def plan_fp8(device: torch.device, capability: tuple[int, int] | None) -> LinearPlan:
-    """Which fp8 implementation suits a device (pure; the self-check comes on top)."""
+def plan_fp8(
+    device: torch.device,
+    capability: tuple[int, int] | None,
+    triton_version: tuple[int, int] | None = None,
+) -> LinearPlan:
+    """Which fp8 implementation suits a device (pure; the self-check comes on top): the Triton row-wise GEMM
+    where Triton can run it, else `_scaled_mm` (`triton_version` None: Triton is not installed)."""
     if device.type != "cuda" or capability is None:
         return LinearPlan("reference", f"fp8 linears on {device.type}: float32 reference path")
     if capability < SCALED_MM_MIN_CAPABILITY:
@@ -77,7 +92,17 @@ def plan_fp8(device: torch.device, capability: tuple[int, int] | None) -> Linear
             f"fp8 linears: sm{capability[0]}{capability[1]} has no FP8 tensor cores; float32 reference path "
             f"(slow; prefer int8 on this GPU)",
         )
+    if triton_version is not None and _rowwise_capable(capability, triton_version, E4M3):
+        return LinearPlan("triton", "fp8 linears: Triton row-wise GEMM (bias and GELU in its epilogue)")
     return LinearPlan("scaled_mm", "fp8 linears: torch._scaled_mm with row-wise scales")
+
+
+def _rowwise_capable(
+    capability: tuple[int, int], triton_version: tuple[int, int], code_dtype: torch.dtype
+) -> bool:
+    from ..turbo_kernels.rowwise_gemm import rowwise_gemm_capable  # imports Triton
+
+    return rowwise_gemm_capable(capability, triton_version, code_dtype)
 
 
 @torch.compiler.disable  # opaque to torch.compile (path choice and self-check are plain Python)
@@ -94,11 +119,16 @@ def int8_linear(
 
 @torch.compiler.disable  # opaque to torch.compile (path choice and self-check are plain Python)
 def fp8_w8a8_linear(
-    x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None
+    x: torch.Tensor,
+    codes: torch.Tensor,
+    scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    gelu: bool = False,
 ) -> torch.Tensor:
-    """FP8 W8A8 linear of a 2-D x on the fastest path that passed its self-check on x's device."""
+    """FP8 W8A8 linear of a 2-D x (then GELU-tanh if `gelu`) on the fastest path that passed its
+    self-check on x's device."""
     x_codes, x_scale = quantize_fp8_activations(x)
-    return fp8_w8a8_linear_quantized(x_codes, x_scale, x.dtype, codes, scale, bias)
+    return fp8_w8a8_linear_quantized(x_codes, x_scale, x.dtype, codes, scale, bias, gelu)
 
 
 @torch.compiler.disable
@@ -106,7 +136,7 @@ def quantize_fp8_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
     """Per-token e4m3 codes and scales of a 2-D x, as the fp8 linears on x's device quantise their input:
     the Triton quantiser where the fast path runs and the quantiser passed its check, PyTorch's elsewhere
     (the same numbers either way)."""
-    if _fp8_path(x.device) == "scaled_mm":
+    if _fp8_path(x.device) in FAST_FP8_PATHS:
         return _fp8_quantizer(x.device)(x)
     return quantize_rows_e4m3(x)
 
@@ -119,19 +149,43 @@ def fp8_w8a8_linear_quantized(
     codes: torch.Tensor,
     scale: torch.Tensor,
     bias: torch.Tensor | None,
+    gelu: bool = False,
 ) -> torch.Tensor:
     """`fp8_w8a8_linear` of activations quantised beforehand (`quantize_fp8_activations` or a kernel
     emitting the same codes and scales)."""
-    use_scaled_mm = _fp8_path(x_codes.device) == "scaled_mm"
+    path = _fp8_path(x_codes.device)
+    if path == "triton" and out_dtype == torch.bfloat16:
+        from ..turbo_kernels.rowwise_gemm import rowwise_matmul
+
+        return rowwise_matmul(x_codes.contiguous(), x_scale.contiguous(), codes, scale, bias, gelu)
+    if gelu and path != "scaled_mm":
+        product = fp8_matmul_reference(x_codes, x_scale, codes, scale, torch.float32)
+        return gelu_of_float32(product, bias, out_dtype)
+    use_scaled_mm = path == "scaled_mm"
     bias_in_gemm = use_scaled_mm and bias is not None and _scaled_mm_adds_bias(x_codes.device)
-    return fp8_linear_quantized(x_codes, x_scale, out_dtype, codes, scale, bias, use_scaled_mm, bias_in_gemm)
+    out = fp8_linear_quantized(x_codes, x_scale, out_dtype, codes, scale, bias, use_scaled_mm, bias_in_gemm)
+    return F.gelu(out, approximate="tanh") if gelu else out
+
+
+def gelu_of_float32(product: torch.Tensor, bias: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
+    """GELU_tanh(product + bias) in float32, rounded to `out_dtype` once: the reference of a GEMM epilogue
+    applying bias and GELU (`rowwise_gemm`)."""
+    if bias is not None:
+        product = product + bias.float()
+    return F.gelu(product, approximate="tanh").to(out_dtype)
+
+
+def fp8_gemm_fuses_gelu(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether an fp8 W8A8 linear with inputs of `dtype` on `device` applies GELU in its GEMM's epilogue
+    (the Triton path, bf16 output), so `gelu=True` saves the separate GELU kernel."""
+    return device.type == "cuda" and dtype == torch.bfloat16 and _fp8_path(device) == "triton"
 
 
 def triton_quantises_fp8_activations(device: torch.device) -> bool:
-    """Whether the fp8 linears on a CUDA device run `_scaled_mm` with the Triton activation quantiser,
-    i.e. Triton's e4m3 conversion runs there and agreed with PyTorch's quantiser: then a Triton kernel
-    may emit the codes itself (the fused LayerNorm of `turbo_kernels.fused_norms`)."""
-    if device.type != "cuda" or _fp8_path(device) != "scaled_mm":
+    """Whether the fp8 linears on a CUDA device run a fast GEMM (Triton or `_scaled_mm`) with the Triton
+    activation quantiser, i.e. Triton's e4m3 conversion runs there and agreed with PyTorch's quantiser:
+    then a Triton kernel may emit the codes itself (the fused LayerNorm of `turbo_kernels.fused_norms`)."""
+    if device.type != "cuda" or _fp8_path(device) not in FAST_FP8_PATHS:
         return False
     return _fp8_quantizer(device) is not quantize_rows_e4m3
 
@@ -161,7 +215,10 @@ def _int8_path(device: torch.device) -> str:
 
 @functools.cache
 def _fp8_path(device: torch.device) -> str:
-    plan = plan_fp8(device, _capability(device))
+    capability = _capability(device)
+    plan = plan_fp8(device, capability, _triton_version())
+    if plan.path == "triton":
+        plan = _checked(plan, device, _compare_rowwise_fp8, fallback=plan_fp8(device, capability))
     if plan.path == "scaled_mm":
         plan = _checked(plan, device, _compare_fp8)
     _log(plan, device)
@@ -215,17 +272,22 @@ def _log(plan: LinearPlan, device: torch.device) -> None:
     logger.log(logging.WARNING if slow_gpu else logging.INFO, plan.reason)
 
 
-def _checked(plan: LinearPlan, device: torch.device, compare) -> LinearPlan:
+def _checked(
+    plan: LinearPlan, device: torch.device, compare, fallback: LinearPlan | None = None
+) -> LinearPlan:
+    """`plan` if its self-check passes on `device`, else `fallback` (the reference by default)."""
     try:
         error = compare(device)
     except Exception as failure:  # compiler, driver or PyTorch-version failures all mean "do not use"
-        return LinearPlan("reference", f"{plan.reason} failed on {device} ({failure!r}); using the reference")
-    if error > CHECK_RELATIVE_TOLERANCE:
-        return LinearPlan(
-            "reference",
-            f"{plan.reason} disagree with the reference on {device} (error {error:.2e}); using the reference",
-        )
-    return plan
+        problem = f"failed on {device} ({failure!r})"
+    else:
+        if error <= CHECK_RELATIVE_TOLERANCE:
+            return plan
+        problem = f"disagree with the reference on {device} (error {error:.2e})"
+    if fallback is None:
+        return LinearPlan("reference", f"{plan.reason} {problem}; using the reference")
+    logger.warning("%s %s; trying the next path", plan.reason, problem)
+    return fallback
 
 
 def _check_problem(device: torch.device):
@@ -247,6 +309,21 @@ def _compare_int8(device: torch.device) -> float:
     x, weight, bias = _check_problem(device)
     codes, scale = quantize_tiles(weight)
     return _relative_error(w8a8_linear_triton(x, codes, scale, bias), w8a8_linear(x, codes, scale, bias))
+
+
+def _compare_rowwise_fp8(device: torch.device) -> float:
+    """The Triton row-wise GEMM against the float32 reference, without and with the GELU epilogue."""
+    from ..turbo_kernels.rowwise_gemm import rowwise_matmul
+
+    x, weight, bias = _check_problem(device)
+    codes, scale = quantize_rows_e4m3(weight)
+    x_codes, x_scale = _fp8_quantizer(device)(x)
+    reference = fp8_matmul_reference(x_codes, x_scale, codes, scale, torch.float32) + bias.float()
+    plain = rowwise_matmul(x_codes, x_scale, codes, scale, bias)
+    activated = rowwise_matmul(x_codes, x_scale, codes, scale, bias, gelu=True)
+    return max(
+        _relative_error(plain, reference), _relative_error(activated, F.gelu(reference, approximate="tanh"))
+    )
 
 
 def _compare_fp8(device: torch.device) -> float:

@@ -33,6 +33,7 @@ from torch import nn
 from ..turbo_kernels.fp8_linear import E4M3
 from ..turbo_kernels.w8a8_reference import TILE as INT8_TILE
 from ..turbo_kernels.w8a8_reference import dequantize_tiles
+from . import linear_kernels
 from .linear_kernels import fp8_w8a8_linear, fp8_w8a8_linear_quantized, int8_linear
 
 LinearFactory = Callable[..., nn.Module]
@@ -81,20 +82,28 @@ class _QuantisedLinear(nn.Module):
             "bias", torch.empty(out_features, dtype=bias_dtype, device=device) if bias else None
         )
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, gelu: bool = False) -> torch.Tensor:
+        """x [..., in] -> [..., out]; `gelu` applies GELU-tanh to the result (in the GEMM's epilogue where
+        `fuses_gelu` says so, else after it)."""
         flat = x.reshape(-1, self.in_features)
         if quantizes_activations(self.activations, x.dtype):
-            out = self.w8a8(flat)
+            out = self.w8a8(flat, gelu)
         else:
             out = F.linear(flat, self.dequantized_weight(x.dtype))
             if self.bias is not None:
                 out = out + self.bias.to(out.dtype)
+            if gelu:
+                out = F.gelu(out, approximate="tanh")
         return out.reshape(*x.shape[:-1], self.out_features)
+
+    def fuses_gelu(self, x: torch.Tensor | Fp8Activations) -> bool:
+        """Whether `forward(x, gelu=True)` applies the GELU inside the GEMM (no separate kernel)."""
+        return False
 
     def register_weight(self, device: torch.device | str | None) -> None:
         raise NotImplementedError
 
-    def w8a8(self, x: torch.Tensor) -> torch.Tensor:
+    def w8a8(self, x: torch.Tensor, gelu: bool = False) -> torch.Tensor:
         raise NotImplementedError
 
     def dequantized_weight(self, dtype: torch.dtype) -> torch.Tensor:
@@ -121,8 +130,9 @@ class Int8Linear(_QuantisedLinear):
         self.register_buffer("int8_weight", torch.empty(rows, columns, dtype=torch.int8, device=device))
         self.register_buffer("scale", torch.empty(scale_shape, dtype=torch.float32, device=device))
 
-    def w8a8(self, x: torch.Tensor) -> torch.Tensor:
-        return int8_linear(x, self.int8_weight, self.scale, self.bias)
+    def w8a8(self, x: torch.Tensor, gelu: bool = False) -> torch.Tensor:
+        out = int8_linear(x, self.int8_weight, self.scale, self.bias)
+        return F.gelu(out, approximate="tanh") if gelu else out
 
     def dequantized_weight(self, dtype: torch.dtype) -> torch.Tensor:
         return dequantize_tiles(self.int8_weight, self.scale, dtype)
@@ -140,19 +150,26 @@ class Fp8Linear(_QuantisedLinear):
         self.register_buffer("weight", torch.empty(rows, columns, dtype=E4M3, device=device))
         self.register_buffer("weight_scale", torch.empty(rows, dtype=torch.float32, device=device))
 
-    def forward(self, x: torch.Tensor | Fp8Activations) -> torch.Tensor:
+    def forward(self, x: torch.Tensor | Fp8Activations, gelu: bool = False) -> torch.Tensor:
         if not isinstance(x, Fp8Activations):
-            return super().forward(x)
+            return super().forward(x, gelu)
         if x.shape[-1] != self.in_features or not quantizes_activations(self.activations, x.dtype):
             raise ValueError(
                 f"{self} got activations quantised beforehand ({tuple(x.shape)}, {x.dtype}) that it does not "
                 f"take; check takes_fp8_activations before quantising"
             )
-        out = fp8_w8a8_linear_quantized(x.codes, x.scale, x.dtype, self.weight, self.weight_scale, self.bias)
+        out = fp8_w8a8_linear_quantized(
+            x.codes, x.scale, x.dtype, self.weight, self.weight_scale, self.bias, gelu
+        )
         return out.reshape(*x.shape[:-1], self.out_features)
 
-    def w8a8(self, x: torch.Tensor) -> torch.Tensor:
-        return fp8_w8a8_linear(x, self.weight, self.weight_scale, self.bias)
+    def fuses_gelu(self, x: torch.Tensor | Fp8Activations) -> bool:
+        device = x.codes.device if isinstance(x, Fp8Activations) else x.device
+        w8a8 = quantizes_activations(self.activations, x.dtype)
+        return w8a8 and linear_kernels.fp8_gemm_fuses_gelu(device, x.dtype)
+
+    def w8a8(self, x: torch.Tensor, gelu: bool = False) -> torch.Tensor:
+        return fp8_w8a8_linear(x, self.weight, self.weight_scale, self.bias, gelu)
 
     def dequantized_weight(self, dtype: torch.dtype) -> torch.Tensor:
         return (self.weight.float() * self.weight_scale[:, None]).to(dtype)
