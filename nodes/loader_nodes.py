@@ -97,7 +97,10 @@ class TD_WanModelLoader:
                         "default": "auto",
                         "tooltip": "How the block linears are stored: auto as in the file (int8 for -quant "
                         "files), none dense, int8 TurboDiffusion's -quant format (half the memory of bf16), "
-                        "fp8 e4m3 per-channel. Converted layer by layer while loading.",
+                        "fp8 e4m3 per-channel, int8_rowwise int8 with one scale per output channel and per "
+                        "token: the fast int8 path on Hopper / Ada GPUs, but it changes the numbers against "
+                        "the -quant reference (a -quant file is re-quantised per row; a layer that loses too "
+                        "much is refused). Converted layer by layer while loading.",
                     },
                 ),
                 "swap_blocks": (

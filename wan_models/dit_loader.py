@@ -10,6 +10,7 @@ then loaded strictly into a `WanDiT` built on the meta device, so a real-size fi
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -26,7 +27,13 @@ from .config import WanDiTConfig, config_from_state_dict
 from .dit import AttentionFn, WanDiT
 from .forward_modes import FORWARD_MODES, set_forward_mode
 from .fp8_formats import FP8_DTYPES, dequantize_comfy_fp8, has_comfy_fp8, is_fp8_auxiliary_key
-from .linear_layers import LinearFactory, fp8_linear_factory, int8_linear_factory, set_linear_activations
+from .linear_layers import (
+    LinearFactory,
+    fp8_linear_factory,
+    int8_linear_factory,
+    int8_rowwise_linear_factory,
+    set_linear_activations,
+)
 from .quantize import (
     StoredFp8Linears,
     convert_linear_weights_,
@@ -150,7 +157,10 @@ def load_dit(
     and dequantise them per layer, as ComfyUI does; dense otherwise), "none" dense (int8 / fp8 weights are
     dequantised), "int8" TurboDiffusion's `-quant` format (quantised from the stored weights, bit-exact to
     the reference quantiser), "fp8" e4m3 W8A8 with per-channel weight scales (fp8 files keep their
-    weights). Converting reads the file to the CPU and converts one layer at a time on `quantize_device`
+    weights), "int8_rowwise" int8 with one scale per output channel and per-token activation scales (the
+    fast int8 path on Hopper / Ada; other numerics than `-quant`: a `-quant` file's tiles are re-quantised
+    per row and a layer losing too much is refused, `quantize.MAX_ROWWISE_TILE_ERROR`; needs Triton).
+    Converting reads the file to the CPU and converts one layer at a time on `quantize_device`
     (default `device`; pass the GPU when loading to the CPU), so memory never holds two copies of the model.
 
     The norms, RoPE and residuals of the blocks run as fused Triton kernels on CUDA GPUs that can build them
@@ -213,6 +223,11 @@ def dit_from_state_dict(
 
 def _check_options(linear_quant: str, forward_mode: str) -> None:
     target_storage(linear_quant, "dense")  # validates the option
+    if linear_quant == "int8_rowwise" and importlib.util.find_spec("triton") is None:
+        raise ValueError(
+            "linear_quant 'int8_rowwise' needs Triton (its quantisers are Triton modules); install Triton "
+            "or choose 'int8'"
+        )
     if forward_mode not in FORWARD_MODES:
         raise ValueError(f"unknown forward_mode {forward_mode!r}; choose one of {', '.join(FORWARD_MODES)}")
 
@@ -293,6 +308,7 @@ def _build(layout: DiTLayout, self_attention: AttentionFn, dtype: torch.dtype, s
         "dense": nn.Linear,
         "int8": int8_linear_factory(bias_dtype=dtype),
         "fp8": fp8_linear_factory(bias_dtype=dtype),
+        "int8_rowwise": int8_rowwise_linear_factory(bias_dtype=dtype),
     }
     return WanDiT(
         layout.config,

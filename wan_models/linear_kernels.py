@@ -8,6 +8,11 @@
   cores (>= 8.9); the activations of both quantised by the Triton kernel of `turbo_kernels.fp8_quant`
   (checked bit for bit against the PyTorch quantiser first; PyTorch's is kept otherwise); the float32
   reference of `turbo_kernels.fp8_linear` elsewhere.
+* int8 row-wise W8A8 (`Int8RowwiseLinear`, opt-in, KERNELS.md §4.6 "fast path"): per-token int8 activation
+  codes (`quantize_rows_int8_triton`) and the row-wise Triton GEMM (int32 over the whole K, scales, bias and
+  GELU once in float32) where `rowwise_gemm_capable` allows it; elsewhere `int8_rowwise_reference`, the
+  same formula in PyTorch (the sum exact in float64, then the kernel's float32 epilogue). It needs Triton
+  installed even on the CPU (its quantisers live in `turbo_kernels.rowwise_gemm`).
 
 A fast path is checked once per device against its reference on a small random problem before it is used;
 if it fails or disagrees (a Triton or driver version this was not tested with), the next path in that order
@@ -117,6 +122,62 @@ def int8_linear(
     return w8a8_linear(x, codes, scale, bias)
 
 
+def plan_int8_rowwise(
+    device: torch.device, triton_version: tuple[int, int] | None, capability: tuple[int, int] | None
+) -> LinearPlan:
+    """Which int8 row-wise implementation suits a device (pure; the self-check comes on top)."""
+    if device.type != "cuda" or capability is None:
+        return LinearPlan("reference", f"int8 row-wise linears on {device.type}: PyTorch reference path")
+    if triton_version is None or not _rowwise_capable(capability, triton_version, torch.int8):
+        return LinearPlan(
+            "reference",
+            f"int8 row-wise linears: the Triton row-wise GEMM needs Triton >= 3.4 and sm80+ (found "
+            f"{triton_version}, sm{capability[0]}{capability[1]}); PyTorch reference path (slow)",
+        )
+    return LinearPlan("triton", "int8 row-wise linears: Triton row-wise GEMM (bias and GELU in its epilogue)")
+
+
+@torch.compiler.disable  # opaque to torch.compile (path choice and self-check are plain Python)
+def int8_rowwise_linear(
+    x: torch.Tensor,
+    codes: torch.Tensor,
+    scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    gelu: bool = False,
+) -> torch.Tensor:
+    """Row-wise int8 W8A8 linear of a 2-D x (codes [N, K] int8, scale [N] float32), then GELU-tanh if `gelu`,
+    on the Triton GEMM where it passed its self-check on x's device and x is bf16 (its output dtype)."""
+    if x.dtype == torch.bfloat16 and _int8_rowwise_path(x.device) == "triton":
+        from ..turbo_kernels.rowwise_gemm import rowwise_linear
+
+        return rowwise_linear(x, codes, scale, bias, gelu)
+    return int8_rowwise_reference(x, codes, scale, bias, gelu)
+
+
+def int8_rowwise_reference(
+    x: torch.Tensor,
+    codes: torch.Tensor,
+    scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    gelu: bool = False,
+) -> torch.Tensor:
+    """The row-wise W8A8 formula in PyTorch: x quantised per token (`quantize_rows_int8`), Σ_k codes exactly
+    (float64 holds |Σ| < 2³¹ exactly), converted to float32, × s_x[m] × s_w[n] (+ bias) (GELU-tanh) in
+    float32, rounded to x's dtype once."""
+    from ..turbo_kernels.rowwise_gemm import quantize_rows_int8
+
+    x_codes, x_scale = quantize_rows_int8(x)
+    product = (x_codes.double() @ codes.double().T).float() * x_scale[:, None] * scale[None, :]
+    if not gelu:
+        return (product if bias is None else product + bias.float()).to(x.dtype)
+    return gelu_of_float32(product, bias, x.dtype)
+
+
+def int8_rowwise_fuses_gelu(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether an int8 row-wise linear with inputs of `dtype` on `device` applies GELU in its GEMM."""
+    return device.type == "cuda" and dtype == torch.bfloat16 and _int8_rowwise_path(device) == "triton"
+
+
 @torch.compiler.disable  # opaque to torch.compile (path choice and self-check are plain Python)
 def fp8_w8a8_linear(
     x: torch.Tensor,
@@ -209,6 +270,15 @@ def _int8_path(device: torch.device) -> str:
     plan = plan_int8(device, _triton_version(), _capability(device))
     if plan.path == "triton":
         plan = _checked(plan, device, _compare_int8)
+    _log(plan, device)
+    return plan.path
+
+
+@functools.cache
+def _int8_rowwise_path(device: torch.device) -> str:
+    plan = plan_int8_rowwise(device, _triton_version(), _capability(device))
+    if plan.path == "triton":
+        plan = _checked(plan, device, _compare_int8_rowwise)
     _log(plan, device)
     return plan.path
 
@@ -309,6 +379,20 @@ def _compare_int8(device: torch.device) -> float:
     x, weight, bias = _check_problem(device)
     codes, scale = quantize_tiles(weight)
     return _relative_error(w8a8_linear_triton(x, codes, scale, bias), w8a8_linear(x, codes, scale, bias))
+
+
+def _compare_int8_rowwise(device: torch.device) -> float:
+    """The Triton quantiser and GEMM against `int8_rowwise_reference`, without and with the GELU epilogue."""
+    from ..turbo_kernels.rowwise_gemm import quantize_rows_int8, rowwise_linear
+
+    x, weight, bias = _check_problem(device)
+    codes, scale = quantize_rows_int8(weight)
+    return max(
+        _relative_error(
+            rowwise_linear(x, codes, scale, bias, gelu), int8_rowwise_reference(x, codes, scale, bias, gelu)
+        )
+        for gelu in (False, True)
+    )
 
 
 def _compare_rowwise_fp8(device: torch.device) -> float:

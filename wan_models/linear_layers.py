@@ -1,4 +1,5 @@
-"""Linear layers for the DiT blocks: dense `nn.Linear`, TurboDiffusion's int8 (`-quant`) storage, or fp8.
+"""Linear layers for the DiT blocks: dense `nn.Linear`, TurboDiffusion's int8 (`-quant`) storage, fp8, or
+int8 with one scale per output channel (`Int8RowwiseLinear`, opt-in: other numerics than `-quant`).
 
 A linear factory is `factory(in_features, out_features, bias=True) -> nn.Module`; WanDiT builds the linears
 inside its blocks with it, so the model code does not know how weights are stored.
@@ -34,7 +35,7 @@ from ..turbo_kernels.fp8_linear import E4M3
 from ..turbo_kernels.w8a8_reference import TILE as INT8_TILE
 from ..turbo_kernels.w8a8_reference import dequantize_tiles
 from . import linear_kernels
-from .linear_kernels import fp8_w8a8_linear, fp8_w8a8_linear_quantized, int8_linear
+from .linear_kernels import fp8_w8a8_linear, fp8_w8a8_linear_quantized, int8_linear, int8_rowwise_linear
 
 LinearFactory = Callable[..., nn.Module]
 ACTIVATION_MODES = ("auto", "w8a8", "weight_only")
@@ -175,7 +176,32 @@ class Fp8Linear(_QuantisedLinear):
         return (self.weight.float() * self.weight_scale[:, None]).to(dtype)
 
 
-QUANTISED_LINEARS = (Int8Linear, Fp8Linear)
+class Int8RowwiseLinear(_QuantisedLinear):
+    """A linear layer stored as int8 weights with one float32 scale per output channel (KERNELS.md §4.6 "fast
+    path"; made at load time from bf16/fp16/fp32 weights or re-quantised from `-quant` tiles).
+
+    State: `weight` (int8 [out, in]), `weight_scale` (float32 [out]), `bias`; W[n, k] = weight[n, k] ·
+    weight_scale[n]. In "w8a8" mode activations get one int8 scale per token and the product is summed
+    exactly over the whole K (`linear_kernels.int8_rowwise_linear`).
+    """
+
+    def register_weight(self, device: torch.device | str | None) -> None:
+        rows, columns = self.out_features, self.in_features
+        self.register_buffer("weight", torch.empty(rows, columns, dtype=torch.int8, device=device))
+        self.register_buffer("weight_scale", torch.empty(rows, dtype=torch.float32, device=device))
+
+    def fuses_gelu(self, x: torch.Tensor | Fp8Activations) -> bool:
+        w8a8 = isinstance(x, torch.Tensor) and quantizes_activations(self.activations, x.dtype)
+        return w8a8 and linear_kernels.int8_rowwise_fuses_gelu(x.device, x.dtype)
+
+    def w8a8(self, x: torch.Tensor, gelu: bool = False) -> torch.Tensor:
+        return int8_rowwise_linear(x, self.weight, self.weight_scale, self.bias, gelu)
+
+    def dequantized_weight(self, dtype: torch.dtype) -> torch.Tensor:
+        return (self.weight.float() * self.weight_scale[:, None]).to(dtype)
+
+
+QUANTISED_LINEARS = (Int8Linear, Fp8Linear, Int8RowwiseLinear)
 
 
 def takes_fp8_activations(layers: Iterable[nn.Module], dtype: torch.dtype) -> bool:
@@ -220,3 +246,10 @@ def fp8_linear_factory(
 ) -> LinearFactory:
     """`Fp8Linear` layers (models quantised to fp8 at load time)."""
     return _factory(Fp8Linear, device=device, bias_dtype=bias_dtype)
+
+
+def int8_rowwise_linear_factory(
+    bias_dtype: torch.dtype = torch.bfloat16, device: torch.device | str | None = None
+) -> LinearFactory:
+    """`Int8RowwiseLinear` layers (models quantised to row-wise int8 at load time)."""
+    return _factory(Int8RowwiseLinear, device=device, bias_dtype=bias_dtype)

@@ -4,6 +4,11 @@
   `scale` per 128×128 tile, made with the same quantiser the reference uses for weights and activations.
   Quantising a bf16 checkpoint therefore gives bit for bit the tensors of a `-quant` file made from it.
 * fp8: float8_e4m3fn `weight` + one float32 `weight_scale` per output channel (`turbo_kernels.fp8_linear`).
+* int8_rowwise (opt-in, KERNELS.md §4.6 "fast path"): int8 `weight` + one float32 `weight_scale` per output
+  channel, s_n = max_k|w_n| / 127 (`turbo_kernels.rowwise_gemm.quantize_rows_int8`). Other numerics than
+  `-quant`: from a `-quant` file each weight is dequantised from its tiles and re-quantised per row
+  (`requantize_tiles_to_rows`); a layer whose worst 128×128 tile moves by more than
+  `MAX_ROWWISE_TILE_ERROR` (rel-L2) is refused, naming it.
 * dense: `weight` in the compute dtype (int8 / fp8 weights are dequantised).
 
 Layers are converted one at a time: each weight is moved to the work device (the GPU when there is one, so
@@ -17,6 +22,7 @@ ComfyUI's e4m3 fp8 files (FORMATS.md §1.6) can keep their block-linear weights 
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Mapping, MutableMapping
 from dataclasses import dataclass
@@ -26,22 +32,32 @@ from torch import nn
 
 from ..turbo_kernels.fp8_linear import quantize_rows_e4m3
 from ..turbo_kernels.w8a8_reference import dequantize_tiles, quantize_tiles
-from .linear_layers import QUANTISED_LINEARS, Fp8Linear, Int8Linear
+from .checkpoint_io import CheckpointError
+from .linear_layers import QUANTISED_LINEARS, Fp8Linear, Int8Linear, Int8RowwiseLinear
 
-LINEAR_QUANT_MODES = ("auto", "none", "int8", "fp8")
+logger = logging.getLogger(__name__)
+
+LINEAR_QUANT_MODES = ("auto", "none", "int8", "fp8", "int8_rowwise")
+# Re-quantising -quant tiles to rows moves Gaussian-like tiles by 0.008-0.0095 (rel-L2, the worst tile of
+# each Wan-shaped layer, bench/RESULTS.md), about one more int8 rounding. 0.05 is five times that and above
+# the whole-layer error of the fp8 path (0.037): a tile past it lost more to the re-quantisation than fp8
+# loses, because one much larger tile sets its rows' scales (tests/test_rowwise_gemm_reference.py: > 0.5).
+MAX_ROWWISE_TILE_ERROR = 0.05
 # The weight of a linear inside a block (original / ComfyUI names, any prefix), as a stored key.
 BLOCK_LINEAR_WEIGHT = re.compile(
     r"(?:^|\.)blocks\.\d+\.(?:(?:self_attn|cross_attn)\.[qkvo]|ffn\.[02])\.weight$"
 )
 COMFY_FP8_SCALE_SUFFIXES = (".scale_weight", ".weight_scale")
 WRAPPER_SEGMENT = "_checkpoint_wrapped_module."
-STORAGE_KINDS = ("dense", "int8", "fp8")
+STORAGE_KINDS = ("dense", "int8", "fp8", "int8_rowwise")
 # Key suffixes each storage kind uses for a linear's weight (the bias keeps its own key in every kind).
 WEIGHT_KEYS = {
     "dense": ("weight",),
     "int8": ("int8_weight", "scale"),
     "fp8": ("weight", "weight_scale"),
+    "int8_rowwise": ("weight", "weight_scale"),
 }
+LAYER_CLASSES = {"int8": Int8Linear, "fp8": Fp8Linear, "int8_rowwise": Int8RowwiseLinear}
 
 
 def target_storage(linear_quant: str, stored: str) -> str:
@@ -67,26 +83,53 @@ def convert_linear_weights_(
     device: torch.device,
 ) -> None:
     """Rewrite the weights of the linears `names` in a state dict from `stored` to `target` storage, in place
-    and one layer at a time; results land on `device`, the arithmetic runs on `work_device`."""
+    and one layer at a time; results land on `device`, the arithmetic runs on `work_device`. int8 tiles to
+    int8_rowwise re-quantise each weight (`requantize_tiles_to_rows`), log the worst layer and raise
+    CheckpointError naming a layer past `MAX_ROWWISE_TILE_ERROR`."""
     for kind in (stored, target):
         if kind not in STORAGE_KINDS:
             raise ValueError(f"storage must be one of {STORAGE_KINDS}, got {kind!r}")
+    worst = (0.0, "")
     for name in names:
         stored_tensors = [weights.pop(f"{name}.{key}").to(work_device) for key in WEIGHT_KEYS[stored]]
-        dense = _dense_weight(stored, *stored_tensors)
+        if stored == "int8" and target == "int8_rowwise":
+            converted, tile_error = _rows_from_tiles(name, *stored_tensors)
+            worst = max(worst, (tile_error, name))
+        else:
+            converted = _store(target, _dense_weight(stored, *stored_tensors))
         del stored_tensors
-        converted = _store(target, dense)
-        del dense
         for key, tensor in zip(WEIGHT_KEYS[target], converted):
             weights[f"{name}.{key}"] = tensor.to(device)
+    if worst[1]:
+        logger.info(
+            "int8 row-wise: re-quantised %d -quant linears; worst 128x128 tile error %.4f in %s (limit %.2f)",
+            len(names),
+            *worst,
+            MAX_ROWWISE_TILE_ERROR,
+        )
+
+
+def _rows_from_tiles(
+    name: str, codes: torch.Tensor, tile_scale: torch.Tensor
+) -> tuple[tuple[torch.Tensor, torch.Tensor], float]:
+    from ..turbo_kernels.rowwise_gemm import requantize_tiles_to_rows
+
+    rows = requantize_tiles_to_rows(codes, tile_scale)
+    if not rows.worst_tile_error <= MAX_ROWWISE_TILE_ERROR:
+        raise CheckpointError(
+            f"{name}: re-quantising its int8 tiles to one scale per output channel moves a 128x128 tile "
+            f"by {rows.worst_tile_error:.3f} (rel-L2; the limit is {MAX_ROWWISE_TILE_ERROR}): a much larger "
+            f"tile sets its rows' scales. Load this -quant file with linear_quant 'auto' (exact int8 tiles), "
+            f"or the bf16 checkpoint with 'int8_rowwise'"
+        )
+    return (rows.codes, rows.scale), rows.worst_tile_error
 
 
 def quantize_model_linears_(model: nn.Module, target: str, work_device: torch.device | None = None) -> None:
-    """Replace every `nn.Linear` inside `model.blocks` (except SLA's `proj_l`) by an int8 or fp8 layer, one at
+    """Replace every `nn.Linear` inside `model.blocks` (except SLA's `proj_l`) by a quantised layer, one at
     a time, on the device each layer lives on (arithmetic on `work_device` when given)."""
-    layer_classes = {"int8": Int8Linear, "fp8": Fp8Linear}
-    if target not in layer_classes:
-        raise ValueError(f"target must be 'int8' or 'fp8', got {target!r}")
+    if target not in LAYER_CLASSES:
+        raise ValueError(f"target must be one of {tuple(LAYER_CLASSES)}, got {target!r}")
     names = [
         name
         for name, module in model.named_modules()
@@ -95,7 +138,7 @@ def quantize_model_linears_(model: nn.Module, target: str, work_device: torch.de
     for name in names:
         dense = model.get_submodule(name)
         device = dense.weight.device
-        layer = layer_classes[target](
+        layer = LAYER_CLASSES[target](
             dense.in_features,
             dense.out_features,
             bias=dense.bias is not None,
@@ -147,7 +190,7 @@ def _dense_weight(stored: str, *tensors: torch.Tensor) -> torch.Tensor:
     if stored == "int8":
         codes, scale = tensors
         return dequantize_tiles(codes, scale, torch.float32)
-    if stored == "fp8":
+    if stored in ("fp8", "int8_rowwise"):
         codes, scale = tensors
         return codes.float() * scale[:, None]
     return tensors[0]
@@ -158,4 +201,8 @@ def _store(target: str, dense: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return quantize_tiles(dense)
     if target == "fp8":
         return quantize_rows_e4m3(dense)
+    if target == "int8_rowwise":
+        from ..turbo_kernels.rowwise_gemm import quantize_rows_int8  # imports Triton
+
+        return quantize_rows_int8(dense)
     return (dense,)
