@@ -71,13 +71,14 @@ SIZES = {
 }
 TINY = dict(dim=256, ffn_dim=256, num_heads=2, num_layers=2, text_dim=64, has_sla_proj=True)
 TINY_LATENT = (1, 16, 2, 4, 6)
-DEFAULT_VARIANTS = {"1.3b": "eager-sla,eager,fused,graphs,int8,fp8", "14b": "eager,graphs,int8,fp8"}
+DEFAULT_VARIANTS = {"1.3b": "eager-sla,eager,fused,graphs,int8,int8rw,fp8", "14b": "eager,graphs,int8rw,fp8"}
 VARIANTS = {  # name -> (self-attention, block ops, forward mode, linear storage)
     "eager-sla": ("sla", "torch", "none", "auto"),
     "eager": ("sagesla", "torch", "none", "auto"),
     "fused": ("sagesla", "auto", "none", "auto"),
     "graphs": ("sagesla", "auto", "cudagraphs", "auto"),
     "int8": ("sagesla", "auto", "cudagraphs", "int8"),
+    "int8rw": ("sagesla", "auto", "cudagraphs", "int8_rowwise"),
     "fp8": ("sagesla", "auto", "cudagraphs", "fp8"),
     "compile": ("sagesla", "torch", "default", "auto"),
 }

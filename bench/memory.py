@@ -6,9 +6,11 @@
    turbo_kernels/rowwise_gemm.py (per-token Triton quantiser + GEMM: "int8 rw"; GEMM alone: "int8 rw gemm";
    its weight re-quantised from the tile format, error printed), the fp8 path (per-token quantisation, by
    Triton on FP8 GPUs, + `torch._scaled_mm`: "fp8"; `_scaled_mm` alone: "fp8 mm") and the row-wise Triton
-   GEMM on the same fp8 inputs ("fp8 tri gemm"), side by side, with rel-L2 errors against the bf16 product
-   as a sanity check. Then a few tile configs of the tile-format int8 GEMM at M = 75600, K = N = 5120, and a
-   sweep of row-wise GEMM configs (int8 and fp8) at M 75600, K = N 5120 and M 32760, K 1536, N 8960.
+   GEMM on the same fp8 inputs (the Triton e4m3 quantiser + the GEMM, the path the model's fp8 linears take
+   where it runs: "fp8 tri"; the GEMM alone: "fp8 tri gemm"), side by side, with rel-L2 errors against the
+   bf16 product as a sanity check. Then a few tile configs of the tile-format int8 GEMM at M = 75600,
+   K = N = 5120, and a sweep of row-wise GEMM configs (int8 and fp8) at M 75600, K = N 5120 and M 32760,
+   K 1536, N 8960.
 2. Load-time int8 quantisation of a 14B bf16 state dict held on the CPU, one layer at a time on the GPU:
    peak GPU memory next to the size of the int8 model.
 3. One DiT step (one forward; rCM runs one per step) of random-weight models at full size: the A14B I2V expert
@@ -184,6 +186,7 @@ def gemm_table(
                 ),
                 "fp8": lambda x=x, c=w8, s=ws8: fp8.fp8_linear(x, c, s, None, use_scaled_mm, fp8_quantize),
                 "fp8 mm": lambda a=x8, b=xs8, c=w8, s=ws8: _fp8_matmul(a, b, c, s, use_scaled_mm),
+                "fp8 tri": lambda x=x, c=w8, s=ws8: fp8_rowwise(*fp8_quantize(x), c, s),
                 "fp8 tri gemm": lambda a=x8, b=xs8, c=w8, s=ws8: fp8_rowwise(a, b, c, s),
             }
             flop = 2 * m * n * k
@@ -208,7 +211,7 @@ def gemm_table(
         rowwise_sweep(device, Clock(device, warmup=10, rep=40))
 
 
-ERROR_COLUMNS = ("int8", "int8 rw", "fp8", "fp8 tri gemm")
+ERROR_COLUMNS = ("int8", "int8 rw", "fp8", "fp8 tri")
 
 
 def _int8_paths(cuda: bool):

@@ -26,11 +26,12 @@ def test_dry_run_exercises_every_part(tmp_path):
     results = json.loads(report.read_text())
 
     variants = {row["variant"]: row for row in results["loops"]}
-    assert set(variants) == {"eager-sla", "eager", "fused", "graphs", "int8", "fp8"}
+    assert set(variants) == {"eager-sla", "eager", "fused", "graphs", "int8", "int8rw", "fp8"}
     assert 0 < variants["eager-sla"]["vs_eager"]["rel_l2"] < 0.05  # sla vs sagesla: quantisation only
     assert variants["graphs"]["replay_equals_capture_run"]
     assert variants["graphs"]["vs_eager"]["rel_l2"] == 0.0  # the CPU runs PyTorch ops in both
     assert variants["int8"]["vs_eager"]["cos"] > 0.999
+    assert variants["int8rw"]["vs_eager"]["cos"] > 0.999
     assert "optimised path equals the unoptimised within bf16 tolerance: yes" in done.stdout
 
     if comfy_host.find_comfyui_dir() is not None or (ROOT / ".ref" / "ComfyUI").exists():
