@@ -186,8 +186,9 @@ class WanBlock(nn.Module):
         x, ffn_input = ops.add_and_norm(
             x, attended, None, self.eps, shift=shift_ff, scale=scale_ff, fp8=fp8_ffn
         )
-        hidden = ops.linear_gelu(self.ffn[0], ffn_input)
-        return ops.gated_add(x, self.ffn[2](hidden), gate_ff)
+        # No local name for the FFN's hidden rows (L x ffn_dim, the largest activation): freed before
+        # gated_add allocates the new residual.
+        return ops.gated_add(x, self.ffn[2](ops.linear_gelu(self.ffn[0], ffn_input)), gate_ff)
 
     def fp8_inputs(self, dtype: torch.dtype) -> tuple[bool, bool, bool]:
         """Whether the rows read by self-attention's q/k/v, cross-attention's q and the FFN up-projection
