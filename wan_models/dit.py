@@ -171,8 +171,12 @@ class WanBlock(nn.Module):
         modulation = (self.modulation.float() + e0).chunk(6, dim=1)
         shift_sa, scale_sa, gate_sa, shift_ff, scale_ff, gate_ff = modulation
         fp8_sa, fp8_cross, fp8_ffn = self.fp8_inputs(x.dtype)
+        # Each intermediate of L x dim (or L x ffn_dim) rows is released as soon as its last reader has run
+        # (`del`): a name left bound keeps the tensor alive through the later, larger stages (the FFN is the
+        # peak), which is what block swap's activation estimate and a 24 GiB card cannot afford.
         attention_input = ops.modulated_norm(x, shift_sa, scale_sa, self.eps, fp8=fp8_sa)
         attended = self.self_attn(attention_input, cos, sin, attention.self_attention, ops)
+        del attention_input
         x, cross_input = ops.add_and_norm(
             x,
             attended,
@@ -182,13 +186,18 @@ class WanBlock(nn.Module):
             bias=self.norm3.bias,
             fp8=fp8_cross,
         )
+        del attended
         attended = self.cross_attn(cross_input, context, attention.cross_attention, ops)
+        del cross_input
         x, ffn_input = ops.add_and_norm(
             x, attended, None, self.eps, shift=shift_ff, scale=scale_ff, fp8=fp8_ffn
         )
-        # No local name for the FFN's hidden rows (L x ffn_dim, the largest activation): freed before
-        # gated_add allocates the new residual.
-        return ops.gated_add(x, self.ffn[2](ops.linear_gelu(self.ffn[0], ffn_input)), gate_ff)
+        del attended
+        hidden = ops.linear_gelu(self.ffn[0], ffn_input)
+        del ffn_input
+        update = self.ffn[2](hidden)
+        del hidden
+        return ops.gated_add(x, update, gate_ff)
 
     def fp8_inputs(self, dtype: torch.dtype) -> tuple[bool, bool, bool]:
         """Whether the rows read by self-attention's q/k/v, cross-attention's q and the FFN up-projection
