@@ -477,6 +477,11 @@ def scenarios(dry_run: bool) -> list[Scenario]:
     ]
 
 
+def _row_name(scenario: Scenario) -> str:
+    cap = "" if scenario.cap_gb is None else f" {scenario.cap_gb:g}"
+    return f"{scenario.label} {scenario.storage}{cap}"
+
+
 def _dry_run_budget(config: WanDiTConfig, size: tuple[int, int], frames: int) -> float:
     """A budget that forces the tiny model to swap all but one of its blocks."""
     shape = latent_shape(*size, frames)
@@ -517,6 +522,12 @@ def main() -> None:
         default="",
         help="comma-separated parts to skip: gemm, sweep (the GEMM config sweeps), load, steps",
     )
+    parser.add_argument(
+        "--only",
+        default="",
+        help="run the DiT-step scenarios whose rows (e.g. 'A14B 720p int8 24') contain one of these "
+        "comma-separated strings",
+    )
     args = parser.parse_args()
     skip = set(filter(None, args.skip.split(",")))
     if not args.dry_run and not torch.cuda.is_available():
@@ -537,9 +548,9 @@ def main() -> None:
         load_quantisation(config, device)
     if "steps" not in skip:
         say(f"DiT step (one forward, batch 1, attention {args.attention}, mean of {args.steps}); GB = GiB")
-        rows = [
-            run_step(scenario, device, args.attention, args.steps) for scenario in scenarios(args.dry_run)
-        ]
+        wanted = [text for text in args.only.split(",") if text]
+        chosen = [s for s in scenarios(args.dry_run) if not wanted or any(w in _row_name(s) for w in wanted)]
+        rows = [run_step(scenario, device, args.attention, args.steps) for scenario in chosen]
         header = ["model", "linears", "cap", "swapped", "weights", "est. act.", "peak", "s/step", "status"]
         table(header, rows)
     say(f"total {time.perf_counter() - start:.0f} s")
