@@ -26,12 +26,14 @@ def _sdpa(q, k, v, proj_l=None):
 def _live_rows(width: int, model: torch.nn.Module) -> int:
     """Python-reachable tensors of TOKENS x width rows that are not the model's own weights."""
     weights = {id(t) for t in (*model.parameters(), *model.buffers())}
-    count = 0
-    for obj in gc.get_objects():
-        if isinstance(obj, torch.Tensor) and id(obj) not in weights and obj.dim() >= 2:
-            if obj.shape[-1] == width and obj.numel() == TOKENS * width:
-                count += 1
-    return count
+    return sum(
+        isinstance(obj, torch.Tensor)
+        and id(obj) not in weights
+        and obj.dim() >= 2
+        and obj.shape[-1] == width
+        and obj.numel() == TOKENS * width
+        for obj in gc.get_objects()
+    )
 
 
 def test_ffn_stage_holds_only_the_residual_its_input_and_the_hidden_rows():
