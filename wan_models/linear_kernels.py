@@ -168,14 +168,12 @@ def int8_rowwise_reference(
 
     x_codes, x_scale = quantize_rows_int8(x)
     product = (x_codes.double() @ codes.double().T).float() * x_scale[:, None] * scale[None, :]
-    if not gelu:
-        return (product if bias is None else product + bias.float()).to(x.dtype)
-    return gelu_of_float32(product, bias, x.dtype)
+    return float32_epilogue(product, bias, gelu, x.dtype)
 
 
 def int8_rowwise_fuses_gelu(device: torch.device, dtype: torch.dtype) -> bool:
     """Whether an int8 row-wise linear with inputs of `dtype` on `device` applies GELU in its GEMM."""
-    return device.type == "cuda" and dtype == torch.bfloat16 and _int8_rowwise_path(device) == "triton"
+    return _runs_triton_gemm(_int8_rowwise_path, device, dtype)
 
 
 @torch.compiler.disable  # opaque to torch.compile (path choice and self-check are plain Python)
@@ -221,25 +219,37 @@ def fp8_w8a8_linear_quantized(
         return rowwise_matmul(x_codes.contiguous(), x_scale.contiguous(), codes, scale, bias, gelu)
     if gelu and path != "scaled_mm":
         product = fp8_matmul_reference(x_codes, x_scale, codes, scale, torch.float32)
-        return gelu_of_float32(product, bias, out_dtype)
+        return float32_epilogue(product, bias, gelu, out_dtype)
     use_scaled_mm = path == "scaled_mm"
     bias_in_gemm = use_scaled_mm and bias is not None and _scaled_mm_adds_bias(x_codes.device)
     out = fp8_linear_quantized(x_codes, x_scale, out_dtype, codes, scale, bias, use_scaled_mm, bias_in_gemm)
     return F.gelu(out, approximate="tanh") if gelu else out
 
 
-def gelu_of_float32(product: torch.Tensor, bias: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
-    """GELU_tanh(product + bias) in float32, rounded to `out_dtype` once: the reference of a GEMM epilogue
-    applying bias and GELU (`rowwise_gemm`)."""
+def float32_epilogue(
+    product: torch.Tensor, bias: torch.Tensor | None, gelu: bool, out_dtype: torch.dtype
+) -> torch.Tensor:
+    """product (+ bias) (then GELU_tanh if `gelu`) in float32, rounded to `out_dtype` once: the reference of
+    the row-wise GEMM's epilogue (`rowwise_gemm`)."""
     if bias is not None:
         product = product + bias.float()
-    return F.gelu(product, approximate="tanh").to(out_dtype)
+    if gelu:
+        product = F.gelu(product, approximate="tanh")
+    return product.to(out_dtype)
 
 
 def fp8_gemm_fuses_gelu(device: torch.device, dtype: torch.dtype) -> bool:
     """Whether an fp8 W8A8 linear with inputs of `dtype` on `device` applies GELU in its GEMM's epilogue
     (the Triton path, bf16 output), so `gelu=True` saves the separate GELU kernel."""
-    return device.type == "cuda" and dtype == torch.bfloat16 and _fp8_path(device) == "triton"
+    return _runs_triton_gemm(_fp8_path, device, dtype)
+
+
+def _runs_triton_gemm(
+    path_of: Callable[[torch.device], str], device: torch.device, dtype: torch.dtype
+) -> bool:
+    """Whether linears whose path on a device is `path_of(device)` run the Triton row-wise GEMM for inputs of
+    `dtype` (it writes bf16 only)."""
+    return device.type == "cuda" and dtype == torch.bfloat16 and path_of(device) == "triton"
 
 
 def triton_quantises_fp8_activations(device: torch.device) -> bool:
@@ -268,19 +278,13 @@ def _triton_version() -> tuple[int, int] | None:
 @functools.cache
 def _int8_path(device: torch.device) -> str:
     plan = plan_int8(device, _triton_version(), _capability(device))
-    if plan.path == "triton":
-        plan = _checked(plan, device, _compare_int8)
-    _log(plan, device)
-    return plan.path
+    return _logged(_checked(plan, device, _compare_int8), device)
 
 
 @functools.cache
 def _int8_rowwise_path(device: torch.device) -> str:
     plan = plan_int8_rowwise(device, _triton_version(), _capability(device))
-    if plan.path == "triton":
-        plan = _checked(plan, device, _compare_int8_rowwise)
-    _log(plan, device)
-    return plan.path
+    return _logged(_checked(plan, device, _compare_int8_rowwise), device)
 
 
 @functools.cache
@@ -291,8 +295,7 @@ def _fp8_path(device: torch.device) -> str:
         plan = _checked(plan, device, _compare_rowwise_fp8, fallback=plan_fp8(device, capability))
     if plan.path == "scaled_mm":
         plan = _checked(plan, device, _compare_fp8)
-    _log(plan, device)
-    return plan.path
+    return _logged(plan, device)
 
 
 @functools.cache
@@ -336,16 +339,21 @@ def _fp8_quantizer(device: torch.device) -> Callable:
     return quantize_rows_e4m3_triton
 
 
-def _log(plan: LinearPlan, device: torch.device) -> None:
-    """A GPU running a reference path is worth a warning; the CPU always runs it."""
+def _logged(plan: LinearPlan, device: torch.device) -> str:
+    """`plan`'s path, its reason logged: a GPU running a reference path is worth a warning; the CPU always
+    runs it."""
     slow_gpu = plan.path == "reference" and device.type == "cuda"
     logger.log(logging.WARNING if slow_gpu else logging.INFO, plan.reason)
+    return plan.path
 
 
 def _checked(
     plan: LinearPlan, device: torch.device, compare, fallback: LinearPlan | None = None
 ) -> LinearPlan:
-    """`plan` if its self-check passes on `device`, else `fallback` (the reference by default)."""
+    """`plan` if it is the reference or its self-check passes on `device`, else `fallback` (the reference by
+    default)."""
+    if plan.path == "reference":
+        return plan
     try:
         error = compare(device)
     except Exception as failure:  # compiler, driver or PyTorch-version failures all mean "do not use"
@@ -402,11 +410,13 @@ def _compare_rowwise_fp8(device: torch.device) -> float:
     x, weight, bias = _check_problem(device)
     codes, scale = quantize_rows_e4m3(weight)
     x_codes, x_scale = _fp8_quantizer(device)(x)
-    reference = fp8_matmul_reference(x_codes, x_scale, codes, scale, torch.float32) + bias.float()
-    plain = rowwise_matmul(x_codes, x_scale, codes, scale, bias)
-    activated = rowwise_matmul(x_codes, x_scale, codes, scale, bias, gelu=True)
+    product = fp8_matmul_reference(x_codes, x_scale, codes, scale, torch.float32)
     return max(
-        _relative_error(plain, reference), _relative_error(activated, F.gelu(reference, approximate="tanh"))
+        _relative_error(
+            rowwise_matmul(x_codes, x_scale, codes, scale, bias, gelu),
+            float32_epilogue(product, bias, gelu, torch.float32),
+        )
+        for gelu in (False, True)
     )
 
 
