@@ -19,7 +19,6 @@ Effective TOPS = 4·B·H·L²·D / t; real TOPS = 4·D·BLKQ·BLKK·(selected bl
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import math
 import platform
@@ -27,19 +26,15 @@ import subprocess
 import sys
 import time
 import traceback
-import types
 from pathlib import Path
 
 import torch
 import triton
+from _checkout import ROOT, alias_checkout_as_package
 from triton.testing import do_bench
 
-ROOT = Path(__file__).resolve().parents[1]
+alias_checkout_as_package()
 sys.path.insert(0, str(ROOT / "tests"))
-if importlib.util.find_spec("comfyui_turbodiffusion") is None:  # not pip-installed: alias the checkout
-    package = types.ModuleType("comfyui_turbodiffusion")
-    package.__path__ = [str(ROOT)]
-    sys.modules["comfyui_turbodiffusion"] = package
 if (ROOT / ".ref").is_dir():
     sys.path.insert(0, str(ROOT / ".ref"))
 

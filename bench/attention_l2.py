@@ -22,20 +22,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib.util
 import sys
-import types
-from pathlib import Path
 
 import torch
+from _checkout import ROOT, alias_checkout_as_package
 from triton.testing import do_bench
 
-ROOT = Path(__file__).resolve().parents[1]
+alias_checkout_as_package()
 sys.path.insert(0, str(ROOT / "tests"))
-if importlib.util.find_spec("comfyui_turbodiffusion") is None:  # not pip-installed: alias the checkout
-    package = types.ModuleType("comfyui_turbodiffusion")
-    package.__path__ = [str(ROOT)]
-    sys.modules["comfyui_turbodiffusion"] = package
 
 from attention_inputs import dit_like_qkv, random_projection  # noqa: E402
 from comfyui_turbodiffusion.turbo_kernels import sla_reference as R  # noqa: E402

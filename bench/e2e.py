@@ -38,23 +38,18 @@ import argparse
 import datetime
 import functools
 import gc
-import importlib.util
 import json
 import platform
 import statistics
 import sys
 import tempfile
 import time
-import types
 from pathlib import Path
 
 import torch
+from _checkout import ROOT, alias_checkout_as_package
 
-ROOT = Path(__file__).resolve().parents[1]
-if importlib.util.find_spec("comfyui_turbodiffusion") is None:  # not pip-installed: alias the checkout
-    package = types.ModuleType("comfyui_turbodiffusion")
-    package.__path__ = [str(ROOT)]
-    sys.modules["comfyui_turbodiffusion"] = package
+alias_checkout_as_package()
 
 import e2e_comfy  # noqa: E402
 import e2e_reference  # noqa: E402

@@ -17,7 +17,11 @@ import time
 from pathlib import Path
 
 import torch
-from comfyui_turbodiffusion.wan_models import (
+from _checkout import alias_checkout_as_package
+
+alias_checkout_as_package()
+
+from comfyui_turbodiffusion.wan_models import (  # noqa: E402
     WanDiT,
     WanDiTConfig,
     WanVAE,

@@ -34,20 +34,15 @@ import platform
 import sys
 import time
 import traceback
-import types
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import torch
+from _checkout import ROOT, alias_checkout_as_package
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parents[1]
-if importlib.util.find_spec("comfyui_turbodiffusion") is None:  # not pip-installed: alias the checkout
-    package = types.ModuleType("comfyui_turbodiffusion")
-    package.__path__ = [str(ROOT)]
-    sys.modules["comfyui_turbodiffusion"] = package
+alias_checkout_as_package()
 
 from comfyui_turbodiffusion.wan_models.block_swap import (  # noqa: E402
     GIB,

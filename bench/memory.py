@@ -32,24 +32,17 @@ from __future__ import annotations
 
 import argparse
 import gc
-import importlib.util
 import math
 import platform
-import sys
 import time
 import traceback
-import types
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from pathlib import Path
 
 import torch
+from _checkout import alias_checkout_as_package
 
-ROOT = Path(__file__).resolve().parents[1]
-if importlib.util.find_spec("comfyui_turbodiffusion") is None:  # not pip-installed: alias the checkout
-    package = types.ModuleType("comfyui_turbodiffusion")
-    package.__path__ = [str(ROOT)]
-    sys.modules["comfyui_turbodiffusion"] = package
+alias_checkout_as_package()
 
 from comfyui_turbodiffusion.turbo_kernels import fp8_linear as fp8  # noqa: E402
 from comfyui_turbodiffusion.turbo_kernels import rowwise_gemm as rowwise  # noqa: E402

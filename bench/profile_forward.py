@@ -15,24 +15,19 @@ residual kernels, element-wise / casts (GELU, copies, conversions), other. `--tr
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import re
 import sys
 import time
-import types
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from _checkout import alias_checkout_as_package
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
-ROOT = Path(__file__).resolve().parents[1]
-if importlib.util.find_spec("comfyui_turbodiffusion") is None:  # not pip-installed: alias the checkout
-    package = types.ModuleType("comfyui_turbodiffusion")
-    package.__path__ = [str(ROOT)]
-    sys.modules["comfyui_turbodiffusion"] = package
+alias_checkout_as_package()
 
 from _models import random_weights, state_shapes  # noqa: E402
 from comfyui_turbodiffusion.wan_models.block_ops import make_block_ops  # noqa: E402

@@ -23,22 +23,17 @@ A short table is printed last; everything goes to `--out` as JSON and a log.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import math
 import statistics
 import sys
 import time
-import types
 from pathlib import Path
 
 import torch
+from _checkout import ROOT, alias_checkout_as_package
 
-ROOT = Path(__file__).resolve().parents[1]
-if importlib.util.find_spec("comfyui_turbodiffusion") is None:  # not pip-installed: alias the checkout
-    package = types.ModuleType("comfyui_turbodiffusion")
-    package.__path__ = [str(ROOT)]
-    sys.modules["comfyui_turbodiffusion"] = package
+alias_checkout_as_package()
 
 from comfyui_turbodiffusion.wan_models.vae import LATENT_MEAN, LATENT_STD, WanVAE  # noqa: E402
 from comfyui_turbodiffusion.wan_models.vae_plan import GIB, estimate_decode_bytes  # noqa: E402
