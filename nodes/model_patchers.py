@@ -14,6 +14,7 @@ import torch
 from comfy import model_management as mm
 from comfy.model_patcher import ModelPatcher
 
+from ..wan_models.block_swap import active_block_swap, enable_block_swap
 from ..wan_models.i2v import module_device
 
 
@@ -60,13 +61,30 @@ def wrap_module(
     )
 
 
-def load_to_device(*patchers: TurboPatcher) -> None:
+def load_to_device(*patchers: TurboPatcher, memory_required: int = 0) -> None:
     """Bring models onto their compute device through ComfyUI (evicting others if memory is short).
 
     Always whole: our layers are plain torch modules (some hold int8 weights as buffers), which ComfyUI's
-    partial low-VRAM loading would leave on the CPU.
+    partial low-VRAM loading would leave on the CPU. `memory_required`: bytes the run needs on the device
+    beyond the weights (activations), which ComfyUI then frees as well.
     """
-    mm.load_models_gpu(list(patchers), force_full_load=True)
+    mm.load_models_gpu(list(patchers), memory_required=memory_required, force_full_load=True)
+
+
+def set_block_swap(patcher: TurboPatcher, swapped_blocks: int) -> None:
+    """Make a DiT patcher's network stream its last `swapped_blocks` blocks from CPU memory (0: none).
+
+    A loaded patcher is unloaded first, so the blocks are rearranged on the offload device and ComfyUI's
+    count of loaded memory stays true; the patcher's size is then recorded anew, because ComfyUI decides
+    what to evict from `model_size()`.
+    """
+    _unload_where(lambda candidate: candidate is patcher)
+    swap = active_block_swap(patcher.network)
+    if swap is not None:
+        swap.remove()
+    if swapped_blocks:
+        enable_block_swap(patcher.network, swapped_blocks)
+    patcher.size = mm.module_size(patcher.model)
 
 
 @dataclass(frozen=True)

@@ -15,10 +15,12 @@ from .comfy_conditioning import single_context, start_image_condition
 from .comfy_latent import to_comfy_latent
 from .model_patchers import TurboPatcher, load_to_device, reconcile_after_sampling
 from .stage_timing import log_stage
+from .vram_budget import apply_vram_budget, plan_vram_budget
 
 CATEGORY = "TurboDiffusion"
 NODE = "TD_RCMSampler"
 SEED_MAX = 0xFFFFFFFFFFFFFFFF
+MAX_VRAM_GB = 1024.0
 
 
 @contextmanager
@@ -170,11 +172,35 @@ class TD_RCMSampler:
                         "tooltip": "Flow time t below which the low-noise expert runs (TurboDiffusion: 0.9).",
                     },
                 ),
+                "max_vram_gb": (
+                    "FLOAT",
+                    {
+                        "default": 0.0,
+                        "min": 0.0,
+                        "max": MAX_VRAM_GB,
+                        "step": 0.1,
+                        "tooltip": "The GPU memory (GB) the DiT may use while sampling, weights + "
+                        "activations. Blocks beyond it stay in CPU memory and stream in during each step "
+                        "(same output, slower); they stay there for later runs until the model is "
+                        "reloaded. For a 24 GB card with other models unloaded try 22. 0: off (the whole "
+                        "model on the GPU, or the loader's swap_blocks).",
+                    },
+                ),
             },
         }
 
     def sample(
-        self, model, positive, latent, seed, steps, sigma_max, mode, low_noise_model=None, boundary=0.9
+        self,
+        model,
+        positive,
+        latent,
+        seed,
+        steps,
+        sigma_max,
+        mode,
+        low_noise_model=None,
+        boundary=0.9,
+        max_vram_gb=0.0,
     ):
         shape = tuple(latent["samples"].shape)
         context, options = single_context(positive, NODE)
@@ -183,7 +209,12 @@ class TD_RCMSampler:
         _check_low_noise_expert(model, low_noise_model)
         context = pad_context_to_512(context)
         experts = [model] if low_noise_model is None else [model, low_noise_model]
-        load_to_device(model)
+        working_bytes = 0
+        if max_vram_gb > 0:
+            plans = plan_vram_budget(experts, max_vram_gb, shape, NODE)  # all checked before any change
+            apply_vram_budget(plans, max_vram_gb, NODE)
+            working_bytes = plans[0].working_bytes
+        load_to_device(model, memory_required=working_bytes)
         progress = comfy.utils.ProgressBar(steps)
         stats = wan_models.SamplingStats()
         try:

@@ -13,7 +13,8 @@ an activation estimate must fit, else it raises `MemoryBudgetError` naming the b
 
 While swapping is on, the model's state dict holds the resident blocks and the slots (`block_swap_slots.*`)
 instead of the swapped blocks, so ComfyUI's `module_size` counts what really occupies the device.
-`BlockSwap.remove()` puts the blocks back on the model's device.
+`BlockSwap.remove()` puts the blocks back on the model's device; `active_block_swap(model)` finds the swap
+enabled on a model.
 """
 
 from __future__ import annotations
@@ -93,13 +94,19 @@ def plan_block_swap(
 ) -> SwapPlan:
     """The fewest swapped blocks that keep weights + activations + `reserved_bytes` within `max_vram_gb` GiB.
 
-    `model` is a WanDiT (blocks not swapped yet); `tokens` = latent frames × (height/16) × (width/16).
-    `reserved_bytes`: what else stays on the device while the model runs (e.g. the VAE's weights and the
-    sampler's state in a whole job), so that a budget can stand for the whole GPU.
+    `model` is a WanDiT, swapping or not (a swapping model is planned as if all its blocks were its own);
+    `tokens` = latent frames × (height/16) × (width/16). `reserved_bytes`: what else stays on the device
+    while the model runs (e.g. the VAE's weights and the sampler's state in a whole job), so that a budget
+    can stand for the whole GPU.
     """
-    blocks = list(model.blocks)
+    swap = active_block_swap(model)
+    host_blocks = {} if swap is None else dict(zip(swap.indices, swap.host_blocks))
+    blocks = [host_blocks.get(index, block) for index, block in enumerate(model.blocks)]
     block_bytes = max(tensor_bytes(block) for block in blocks)
-    other = tensor_bytes(model) - sum(tensor_bytes(block) for block in blocks)
+    # Streamed stand-ins hold no tensors, so this leaves the resident blocks' and the slots' bytes out.
+    resident = sum(tensor_bytes(block) for block in model.blocks)
+    slots = 0 if swap is None else tensor_bytes(swap.slots)
+    other = tensor_bytes(model) - resident - slots
     activations = estimate_activation_bytes(model.config, tokens, batch)
     budget = max_vram_gb * GIB - reserved_bytes
     for swapped in range(len(blocks) + 1):
@@ -173,6 +180,10 @@ class BlockSwap:
     def slots(self) -> nn.ModuleList:
         return self.model.block_swap_slots
 
+    @property
+    def swapped_blocks(self) -> int:
+        return len(self.indices)
+
     def remove(self) -> None:
         """Put the swapped blocks back into the model, on its device, and drop the slots."""
         device = next(self.slots.parameters()).device
@@ -235,3 +246,11 @@ class BlockSwap:
 def enable_block_swap(model: nn.Module, swapped_blocks: int) -> BlockSwap:
     """Keep the last `swapped_blocks` blocks of a WanDiT on the CPU and stream them in during forwards."""
     return BlockSwap(model, swapped_blocks)
+
+
+def active_block_swap(model: nn.Module) -> BlockSwap | None:
+    """The block swap enabled on a WanDiT, or None when all its blocks are its own."""
+    for block in model.blocks:
+        if isinstance(block, _StreamedBlock):
+            return block._swap
+    return None
