@@ -1,4 +1,4 @@
-"""Random-weight Wan DiT state dicts for the GPU benchmarks (bench/e2e.py, bench/profile_forward.py).
+"""Random-weight Wan DiT state dicts for the GPU benchmarks (bench/e2e.py, i2v_job.py, profile_forward.py).
 
 Every tensor is random, laid out as released (FORMATS.md §5): bf16 matrices and vectors, float32 norm
 weights, so a state dict made here loads through `dit_from_state_dict` like a real checkpoint.
@@ -15,7 +15,7 @@ from comfyui_turbodiffusion.wan_models.dit import WanDiT
 FP32_NORMS = ("norm_q.weight", "norm_k.weight", "norm3.weight", "norm3.bias")
 
 
-def random_weights(shapes: dict, device: str, seed: int) -> dict[str, torch.Tensor]:
+def random_weights(shapes: dict, device: str | torch.device, seed: int) -> dict[str, torch.Tensor]:
     """Every tensor random, as released: matrices N(0, 1/fan_in) in bf16, norm weights 1 ± 0.1 (biases
     ±0.1) in float32, vectors N(0, 0.02²) in bf16."""
     generator = torch.Generator(device).manual_seed(seed)
@@ -28,6 +28,7 @@ def random_weights(shapes: dict, device: str, seed: int) -> dict[str, torch.Tens
             state[name] = (noise / math.sqrt(shape[-1])).to(torch.bfloat16)
         else:
             state[name] = (0.02 * noise).to(torch.bfloat16)
+        del noise  # before the next tensor's noise: one float32 matrix at a time (A14B's are 0.3 GB)
     return state
 
 

@@ -44,6 +44,7 @@ from PIL import Image
 
 alias_checkout_as_package()
 
+from _models import random_weights, state_shapes  # noqa: E402
 from comfyui_turbodiffusion.wan_models.block_swap import (  # noqa: E402
     GIB,
     enable_block_swap,
@@ -51,7 +52,6 @@ from comfyui_turbodiffusion.wan_models.block_swap import (  # noqa: E402
     tensor_bytes,
 )
 from comfyui_turbodiffusion.wan_models.config import WanDiTConfig  # noqa: E402
-from comfyui_turbodiffusion.wan_models.dit import WanDiT  # noqa: E402
 from comfyui_turbodiffusion.wan_models.dit_loader import dit_from_state_dict  # noqa: E402
 from comfyui_turbodiffusion.wan_models.pipeline import generate_i2v  # noqa: E402
 from comfyui_turbodiffusion.wan_models.resolution import latent_shape  # noqa: E402
@@ -66,7 +66,6 @@ UMT5_TINY = dict(vocab_size=512, d_model=64, d_kv=16, num_heads=4, d_ff=128, num
 TINY_DIT = dict(dim=256, ffn_dim=512, num_heads=2, num_layers=4, text_dim=64, in_dim=36, has_sla_proj=True)
 TINY_VAE_DIM = 8
 TINY_SIZE = (64, 48)
-FP32_NORMS = ("norm_q.weight", "norm_k.weight", "norm3.weight", "norm3.bias")
 # What else stays on the GPU while an expert samples, besides the VAE's weights: the sampler's float64 state,
 # noise, velocity, the conditioning y (float32 and bf16) and the context; about 0.3 GiB at 720p x 81.
 SAMPLER_STATE_GIB = 0.5
@@ -104,30 +103,10 @@ def reset_memory(device: torch.device) -> None:
 # ----------------------------------------------------------------------------------------------- models
 
 
-def random_dit_state(config: WanDiTConfig, device: torch.device, seed: int) -> dict[str, torch.Tensor]:
-    """A TurboDiffusion-layout bf16 state dict with every tensor random: matrices N(0, 1/fan_in), the float32
-    q/k/norm3 norms 1 ± 0.1 (biases ±0.1), vectors N(0, 0.02²)."""
-    with torch.device("meta"):
-        model = WanDiT(config, self_attention=lambda *a, **k: None, cross_attention=lambda *a, **k: None)
-    shapes = {key: tensor.shape for key, tensor in model.state_dict().items()}
-    generator = torch.Generator(device).manual_seed(seed)
-    state = {}
-    for name, shape in shapes.items():
-        noise = torch.randn(shape, generator=generator, device=device)
-        if name.endswith(FP32_NORMS):
-            state[name] = (1 + 0.1 * noise) if name.endswith("weight") else 0.1 * noise
-        elif len(shape) > 1:
-            state[name] = (noise / math.sqrt(shape[-1])).to(torch.bfloat16)
-        else:
-            state[name] = (0.02 * noise).to(torch.bfloat16)
-        del noise
-    return state
-
-
 def build_expert(config: WanDiTConfig, work: torch.device, seed: int, attention: str) -> torch.nn.Module:
     """An int8 A14B expert on the CPU, made the way `load_dit(path, device="cpu", linear_quant="int8",
     quantize_device=work)` makes it (one layer at a time on `work`)."""
-    state = random_dit_state(config, work, seed)
+    state = random_weights(state_shapes(config), work, seed)
     model = dit_from_state_dict(
         state, device="cpu", attention=attention, sla_topk=SLA_TOPK, linear_quant="int8", quantize_device=work
     )
@@ -145,19 +124,13 @@ def byte_tokenizer():
 
 def build_text_encoder(shape: dict, work: torch.device, seed: int) -> torch.nn.Module:
     """A random bf16 umT5 encoder on the CPU, built as `load_text_encoder` builds it."""
-    from comfyui_turbodiffusion.wan_models.text_encoder import UMT5TextEncoder, build_umt5_encoder
-    from transformers import UMT5Config
-
-    config = UMT5Config(
-        **shape,
-        relative_attention_max_distance=128,
-        feed_forward_proj="gated-gelu",
-        layer_norm_epsilon=1e-6,
-        dropout_rate=0.0,
-        is_encoder_decoder=False,
-        use_cache=False,
+    from comfyui_turbodiffusion.wan_models.text_encoder import (
+        UMT5TextEncoder,
+        build_umt5_encoder,
+        umt5_encoder_config,
     )
-    model = build_umt5_encoder(config).to(torch.bfloat16).to_empty(device=work)
+
+    model = build_umt5_encoder(umt5_encoder_config(**shape)).to(torch.bfloat16).to_empty(device=work)
     model.encoder.embed_tokens = model.shared
     generator = torch.Generator(work).manual_seed(seed)
     with torch.no_grad():

@@ -217,8 +217,6 @@ def detect_text_encoder_layout(state: Mapping[str, torch.Tensor], source: str = 
 
 def umt5_config_from_state_dict(state: Mapping[str, torch.Tensor]) -> UMT5Config:
     """The configuration of the encoder whose (transformers-named) tensors are given; reads only shapes."""
-    from transformers import UMT5Config
-
     vocab_size, d_model = state[EMBEDDING_KEY].shape
     num_layers = len({int(m.group(1)) for key in state if (m := re.match(r"encoder\.block\.(\d+)\.", key))})
     num_buckets, num_heads = state[RELATIVE_BIAS_KEY.format(0)].shape
@@ -228,7 +226,7 @@ def umt5_config_from_state_dict(state: Mapping[str, torch.Tensor]) -> UMT5Config
             f"the attention width {inner_dim} is not a multiple of the {num_heads} heads that the "
             f"relative-position table implies; the checkpoint is damaged or not umT5"
         )
-    return UMT5Config(
+    return umt5_encoder_config(
         vocab_size=vocab_size,
         d_model=d_model,
         d_kv=inner_dim // num_heads,
@@ -236,6 +234,30 @@ def umt5_config_from_state_dict(state: Mapping[str, torch.Tensor]) -> UMT5Config
         d_ff=state["encoder.block.0.layer.1.DenseReluDense.wi_0.weight"].shape[0],
         num_layers=num_layers,
         relative_attention_num_buckets=num_buckets,
+    )
+
+
+def umt5_encoder_config(
+    vocab_size: int,
+    d_model: int,
+    d_kv: int,
+    num_heads: int,
+    d_ff: int,
+    num_layers: int,
+    relative_attention_num_buckets: int = 32,
+) -> UMT5Config:
+    """A umT5 encoder's configuration from its sizes; the rest is fixed for every umT5 (gated-GELU FFN,
+    relative positions up to 128, RMSNorm epsilon 1e-6, no dropout, encoder only)."""
+    from transformers import UMT5Config
+
+    return UMT5Config(
+        vocab_size=vocab_size,
+        d_model=d_model,
+        d_kv=d_kv,
+        num_heads=num_heads,
+        d_ff=d_ff,
+        num_layers=num_layers,
+        relative_attention_num_buckets=relative_attention_num_buckets,
         relative_attention_max_distance=128,
         feed_forward_proj="gated-gelu",
         layer_norm_epsilon=1e-6,
