@@ -30,7 +30,6 @@ import argparse
 import gc
 import importlib.util
 import math
-import platform
 import sys
 import time
 import traceback
@@ -40,6 +39,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 from _checkout import ROOT, alias_checkout_as_package
+from _environment import environment_line
 from PIL import Image
 
 alias_checkout_as_package()
@@ -451,22 +451,6 @@ def print_report(reports: list[JobReport], cap_gib: float, swapped: int) -> None
         )
 
 
-def environment(device: torch.device) -> str:
-    parts = [f"torch {torch.__version__}", f"python {platform.python_version()}"]
-    try:
-        import triton
-
-        parts.append(f"triton {triton.__version__}")
-    except ImportError:
-        parts.append("no triton")
-    if device.type == "cuda":
-        properties = torch.cuda.get_device_properties(device)
-        parts.insert(0, f"{properties.name} ({properties.total_memory / GIB:.0f} GiB)")
-    else:
-        parts.insert(0, "CPU dry run")
-    return ", ".join(parts)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -485,7 +469,7 @@ def main() -> None:
     device = torch.device("cpu") if args.dry_run else torch.device("cuda", torch.cuda.current_device())
     start = time.perf_counter()
     guard_torchvision()
-    say(environment(device))
+    say(environment_line(device))
     say(
         f"A14B I2V job: {args.frames} frames, {args.steps} steps, {args.attention}, boundary 0.9; "
         "building models"

@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import gc
 import math
-import platform
 import time
 import traceback
 from collections.abc import Callable
@@ -41,6 +40,7 @@ from dataclasses import dataclass, replace
 
 import torch
 from _checkout import alias_checkout_as_package
+from _environment import environment_line
 
 alias_checkout_as_package()
 
@@ -486,23 +486,6 @@ def _dry_run_budget(config: WanDiTConfig, size: tuple[int, int], frames: int) ->
     return needed / GIB
 
 
-def environment(device: torch.device) -> str:
-    parts = [f"torch {torch.__version__}", f"python {platform.python_version()}"]
-    try:
-        import triton
-
-        parts.append(f"triton {triton.__version__}")
-    except ImportError:
-        parts.append("no triton")
-    if device.type == "cuda":
-        properties = torch.cuda.get_device_properties(device)
-        memory = properties.total_memory / GIB
-        parts.insert(0, f"{properties.name} ({memory:.0f} GB, sm{properties.major}{properties.minor})")
-    else:
-        parts.insert(0, "CPU dry run")
-    return ", ".join(parts)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -528,7 +511,7 @@ def main() -> None:
     device = torch.device("cpu") if args.dry_run else torch.device("cuda", torch.cuda.current_device())
     torch.backends.cuda.matmul.allow_tf32 = False
     start = time.perf_counter()
-    say(environment(device))
+    say(environment_line(device))
     say()
     if "gemm" not in skip:
         tokens = (256, 300) if args.dry_run else GEMM_TOKENS
