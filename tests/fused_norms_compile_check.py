@@ -7,7 +7,8 @@ from __future__ import annotations
 import json
 import re
 
-from comfyui_turbodiffusion.turbo_kernels import fp8_quant, fused_norms
+from comfyui_turbodiffusion.turbo_kernels import fused_norms, row_quant
+from comfyui_turbodiffusion.turbo_kernels.fp8_linear import E4M3_MAX
 from ptx_compile import compile_for, ptxas_usage
 from triton.compiler import ASTSource
 
@@ -45,7 +46,7 @@ FP8_QUANTISER = {
     "codes_ptr": "*fp8e4nv",
     "scale_ptr": "*fp32",
     **dict.fromkeys(("M", "K", "stride_xm"), "i32"),
-    **dict.fromkeys(("ROWS", "BLOCK_K", "INTERPRET"), "constexpr"),
+    **dict.fromkeys(("LEVELS", "INTEGER", "ROWS", "BLOCK_K", "INTERPRET"), "constexpr"),
 }
 # Reduction widths K of the Wan linears' activations: 1536 / 5120 (q/k/v/o, FFN up), 8960 / 13824 (FFN down).
 FP8_WIDTHS = (1536, 5120, 13824)
@@ -115,9 +116,10 @@ def main() -> None:
                 fused_norms._layer_norm_kernel, LAYER_NORM_E4M3, constexprs, warps, 90
             )
     for width in FP8_WIDTHS:
-        rows, block_k = fp8_quant.launch_config(width)
+        rows, block_k = row_quant.launch_config(width)
+        constexprs = {"LEVELS": E4M3_MAX, "INTEGER": False, "ROWS": rows, "BLOCK_K": block_k}
         results[f"fp8_row_quantiser/{width}/sm90"] = compile_report(
-            fp8_quant._quantize_rows_kernel, FP8_QUANTISER, {"ROWS": rows, "BLOCK_K": block_k}, 4, 90
+            row_quant.quantize_rows_kernel, FP8_QUANTISER, constexprs, 4, 90
         )
     print(json.dumps(results))
 

@@ -91,12 +91,12 @@ def quantiser_report(width: int) -> dict:
         "codes_ptr": "*i8",
         "scale_ptr": "*fp32",
         **dict.fromkeys(("M", "K", "stride_xm"), "i32"),
-        **dict.fromkeys(("ROWS", "BLOCK_K", "INTERPRET"), "constexpr"),
+        **dict.fromkeys(("LEVELS", "INTEGER", "ROWS", "BLOCK_K", "INTERPRET"), "constexpr"),
     }
     rows, block_k = row_quant.launch_config(width)
-    constexprs = {"ROWS": rows, "BLOCK_K": block_k, "INTERPRET": False}
+    constexprs = {"LEVELS": rowwise_gemm.INT8_LEVELS, "INTEGER": True, "ROWS": rows, "BLOCK_K": block_k}
     aligned = {(i,): [["tt.divisibility", 16]] for i in (0, 1, 2, 4, 5)}
-    source = ASTSource(rowwise_gemm._quantize_rows_int8_kernel, signature, constexprs, aligned)
+    source = ASTSource(row_quant.quantize_rows_kernel, signature, {**constexprs, "INTERPRET": False}, aligned)
     ptx = compile_for(source, 90, {"num_warps": 4, "enable_fp_fusion": False}).asm["ptx"]
     return {"div_rn": "div.rn.f32" in ptx, "fma": "fma.rn.f32" in ptx, **ptxas_usage(ptx, 90)}
 

@@ -69,7 +69,7 @@ def test_hopper_kernel_names_are_categorised():
         "nvjet_tst_192x192_64x4_1x2_h_bz_coopB_TNT": "GEMM",
         "sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x256x64": "GEMM",
         "_w8a8_gemm_kernel": "GEMM",
-        "_quantize_rows_kernel": "activation quantisers",
+        "quantize_rows_kernel": "activation quantisers",
         "_layer_norm_kernel": "norm / RoPE / residual",
         "_rms_norm_rope_kernel": "norm / RoPE / residual",
         "_gated_add_kernel": "norm / RoPE / residual",

@@ -7,8 +7,8 @@ to ±448 and rounded to nearest even. A product by a per-row inverse rather than
 division is a long instruction sequence on the GPU and made the first version of this kernel cost 0.6 ms at
 M = 75600, K = 5120 on an H200 (2.2 ms at K = 8960, where the row no longer fitted in registers).
 
-The kernel body (ROWS rows per program, two sweeps over BLOCK_K-wide column chunks, so any K up to `MAX_ROW`
-works without spilling) is `row_quant.quantize_rows_body`, shared with the row-wise int8 quantiser.
+The kernel (ROWS rows per program, two sweeps over BLOCK_K-wide column chunks, so any K up to `MAX_ROW`
+works without spilling) is `row_quant.quantize_rows_kernel`, shared with the row-wise int8 quantiser.
 
 GPUs: compute capability >= 8.9 (the e4m3 conversion, `cvt.rn.satfinite.e4m3x2.f32`), where the fp8 linears
 run `_scaled_mm` anyway.
@@ -21,34 +21,11 @@ per device and keeps PyTorch's if they differ.
 from __future__ import annotations
 
 import torch
-import triton
-import triton.language as tl
 
 from .fp8_linear import E4M3, E4M3_MAX
-from .row_quant import launch_config, quantize_rows, quantize_rows_body
-
-__all__ = ["launch_config", "quantize_rows_e4m3_triton"]  # launch_config: for the compile-only checks
-
-_E4M3_MAX = tl.constexpr(E4M3_MAX)
-
-
-@triton.jit
-def _quantize_rows_kernel(
-    x_ptr,
-    codes_ptr,
-    scale_ptr,
-    M,
-    K,
-    stride_xm,
-    ROWS: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-    INTERPRET: tl.constexpr,
-):
-    quantize_rows_body(
-        x_ptr, codes_ptr, scale_ptr, M, K, stride_xm, _E4M3_MAX, False, ROWS, BLOCK_K, INTERPRET
-    )
+from .row_quant import quantize_rows
 
 
 def quantize_rows_e4m3_triton(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """2-D x -> (e4m3 codes with x's shape, float32 scale per row), as `quantize_rows_e4m3`."""
-    return quantize_rows(_quantize_rows_kernel, x, E4M3)
+    return quantize_rows(x, E4M3, E4M3_MAX)

@@ -1,13 +1,13 @@
 """The per-row activation quantiser shared by the e4m3 (`fp8_quant.py`) and the row-wise int8
 (`rowwise_gemm.py`) W8A8 linears: both scale row r by a correctly rounded LEVELS / amax_r.
 
-`quantize_rows_body` does the work of one program: ROWS rows, two sweeps over BLOCK_K-wide column chunks
+Each program of `quantize_rows_kernel` quantises ROWS rows in two sweeps over BLOCK_K-wide column chunks
 (amax, then codes; the second read comes from L2), so any K up to `MAX_ROW` works without spilling.
 amax_r = max(1e-8, max|x_r|) in float32, inverse_r = LEVELS / amax_r and scale_r = amax_r / LEVELS (both
 `div_rn`: Triton's "/" is approximate on the GPU), then code = x · inverse_r clamped to ±LEVELS and
-rounded to nearest even, to e4m3 or to an integer. Each kernel module keeps its own `@triton.jit` entry
-point that calls this body, launched by `quantize_rows` (with `enable_fp_fusion=False`, so that the rounding
-trick below is not contracted into an FMA).
+rounded to nearest even, to e4m3 or (INTEGER) to an integer. `quantize_rows` launches it with the levels of
+the codes' type (with `enable_fp_fusion=False`, so that the rounding trick below is not contracted into an
+FMA).
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ _ROUND_MAGIC = tl.constexpr(12582912.0)
 
 
 @triton.jit
-def quantize_rows_body(
+def quantize_rows_kernel(
     x_ptr,
     codes_ptr,
     scale_ptr,
@@ -78,10 +78,11 @@ def launch_config(columns: int) -> tuple[int, int]:
     return max(1, TILE_ELEMENTS // block_k), block_k
 
 
-def quantize_rows(kernel, x: torch.Tensor, codes_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """Launches `kernel` (an entry point with the signature (x_ptr, codes_ptr, scale_ptr, M, K, stride_xm,
-    ROWS, BLOCK_K, INTERPRET) that calls `quantize_rows_body`) on a 2-D x with unit column stride:
-    (codes of `codes_dtype` with x's shape, float32 scale per row)."""
+def quantize_rows(
+    x: torch.Tensor, codes_dtype: torch.dtype, levels: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A 2-D x with unit column stride -> (codes of `codes_dtype` with x's shape, float32 scale per row =
+    amax_r / `levels`): int8 codes are integers in ±levels, any other type gets e4m3 codes."""
     if x.dim() != 2 or x.stride(1) != 1:
         raise ValueError(f"expected a row-major 2-D matrix, got shape {tuple(x.shape)}, strides {x.stride()}")
     rows, columns = x.shape
@@ -92,13 +93,15 @@ def quantize_rows(kernel, x: torch.Tensor, codes_dtype: torch.dtype) -> tuple[to
     if rows == 0 or columns == 0:
         return codes, scale
     rows_per_program, block_k = launch_config(columns)
-    kernel[(triton.cdiv(rows, rows_per_program),)](
+    quantize_rows_kernel[(triton.cdiv(rows, rows_per_program),)](
         x,
         codes,
         scale,
         rows,
         columns,
         x.stride(0),
+        LEVELS=float(levels),
+        INTEGER=codes_dtype == torch.int8,
         ROWS=rows_per_program,
         BLOCK_K=block_k,
         INTERPRET=interpreting(),

@@ -11,7 +11,7 @@ Computes, for A [M, K] and B [N, K] both int8 or both float8_e4m3fn (row-major, 
   y / (1 + exp(-2z)), z = √(2/π)(y + 0.044715 y³)), one rounding to bf16.
 * `quantize_rows_int8_triton` / `quantize_rows_int8`: per-token int8 activation codes for it. scale_r =
   amax_r / 127, code = round-half-even(x · (127 / amax_r)) saturated to ±127, amax floored at 1e-8, 127/amax
-  and amax/127 correctly rounded (the kernel body is shared with the e4m3 quantiser: `row_quant.py`).
+  and amax/127 correctly rounded (the kernel is shared with the e4m3 quantiser: `row_quant.py`).
 * `requantize_tiles_to_rows`: a `-quant` checkpoint weight (int8, one scale per 128×128 tile) to per-output-
   channel int8: w = code · s_tile in float32, then the row quantiser above (s_n = max_k|w| / 127), with its
   rel-L2 distance to the tile weight, over the matrix and for the worst tile, so that a caller can refuse a
@@ -60,7 +60,7 @@ from .fp8_linear import E4M3
 from .fp8_quant import quantize_rows_e4m3_triton
 from .int8_gemm import _cast
 from .interpreter import interpreting
-from .row_quant import AMAX_FLOOR, quantize_rows, quantize_rows_body
+from .row_quant import AMAX_FLOOR, quantize_rows
 from .w8a8_reference import TILE, dequantize_tiles, tile_grid
 
 try:
@@ -70,7 +70,6 @@ except ImportError:  # Triton without host-side tensor descriptors: pointer load
 
 INT8_LEVELS = 127.0
 MIN_TRITON = (3, 4)  # tl.range(flatten=...)
-_INT8_LEVELS = tl.constexpr(INT8_LEVELS)
 # F.gelu(approximate="tanh"): 0.5·y·(1 + tanh(√(2/π)·(y + 0.044715·y³))).
 _GELU_SCALE = tl.constexpr(0.7978845608028654)
 _GELU_CUBIC = tl.constexpr(0.044715)
@@ -306,27 +305,10 @@ def _rowwise_gemm_kernel(
         )
 
 
-@triton.jit
-def _quantize_rows_int8_kernel(
-    x_ptr,
-    codes_ptr,
-    scale_ptr,
-    M,
-    K,
-    stride_xm,
-    ROWS: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-    INTERPRET: tl.constexpr,
-):
-    quantize_rows_body(
-        x_ptr, codes_ptr, scale_ptr, M, K, stride_xm, _INT8_LEVELS, True, ROWS, BLOCK_K, INTERPRET
-    )
-
-
 def quantize_rows_int8_triton(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """2-D x (unit column stride) -> (int8 codes with x's shape, float32 scale per row), bit for bit
     `quantize_rows_int8`."""
-    return quantize_rows(_quantize_rows_int8_kernel, x, torch.int8)
+    return quantize_rows(x, torch.int8, INT8_LEVELS)
 
 
 def quantize_rows_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
