@@ -26,9 +26,10 @@ from collections.abc import Callable
 
 import torch
 
+from .row_quant_reference import quantize_rows_reference
+
 E4M3 = torch.float8_e4m3fn
 E4M3_MAX = 448.0
-AMAX_FLOOR = 1e-8
 # torch._scaled_mm needs both the reduction and the output dimension to be multiples of 16.
 SCALED_MM_ALIGNMENT = 16
 SCALED_MM_MIN_CAPABILITY = (8, 9)
@@ -36,16 +37,7 @@ SCALED_MM_MIN_CAPABILITY = (8, 9)
 
 def quantize_rows_e4m3(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """2-D x -> (e4m3 codes with x's shape, float32 scale per row)."""
-    if x.dim() != 2:
-        raise ValueError(f"quantize_rows_e4m3 takes a 2-D matrix, got shape {tuple(x.shape)}")
-    x32 = x.float()
-    amax = x32.abs().amax(dim=1).clamp_min(AMAX_FLOOR)
-    # Tensor by tensor: PyTorch divides by a Python scalar as a product with its reciprocal on the GPU
-    # (not on the CPU), which would make the scales depend on the device.
-    e4m3_max = torch.full_like(amax, E4M3_MAX)
-    scale, inverse = amax / e4m3_max, e4m3_max / amax
-    codes = (x32 * inverse[:, None]).clamp_(-E4M3_MAX, E4M3_MAX).to(E4M3)
-    return codes, scale
+    return quantize_rows_reference(x, E4M3, E4M3_MAX)
 
 
 def fp8_matmul_reference(

@@ -17,10 +17,10 @@ import triton
 import triton.language as tl
 
 from .interpreter import interpreting
+from .row_quant_reference import AMAX_FLOOR
 from .sage_prepass import to_e4m3
 
 MAX_ROW = 65536
-AMAX_FLOOR = 1e-8
 TILE_ELEMENTS = 2048  # elements per chunk of one program: 16 per thread at 4 warps
 _AMAX_FLOOR = tl.constexpr(AMAX_FLOOR)
 # 1.5·2^23: adding it to a float32 |v| <= 2^22 leaves a number whose unit in the last place is 1, so the add

@@ -60,7 +60,8 @@ from .fp8_linear import E4M3
 from .fp8_quant import quantize_rows_e4m3_triton
 from .int8_gemm import _cast
 from .interpreter import interpreting
-from .row_quant import AMAX_FLOOR, quantize_rows
+from .row_quant import quantize_rows
+from .row_quant_reference import AMAX_FLOOR, quantize_rows_reference
 from .w8a8_reference import TILE, dequantize_tiles, tile_grid
 
 try:
@@ -313,14 +314,7 @@ def quantize_rows_int8_triton(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
 
 def quantize_rows_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """PyTorch reference of the per-row int8 quantiser: (codes, scale_r = amax_r / 127)."""
-    if x.dim() != 2:
-        raise ValueError(f"quantize_rows_int8 takes a 2-D matrix, got shape {tuple(x.shape)}")
-    x32 = x.float()
-    amax = x32.abs().amax(dim=1).clamp_min(AMAX_FLOOR)
-    # Tensor by tensor: PyTorch turns a division by a Python scalar into a reciprocal product on the GPU.
-    levels = torch.full_like(amax, INT8_LEVELS)
-    codes = torch.round(x32 * (levels / amax)[:, None]).clamp_(-INT8_LEVELS, INT8_LEVELS).to(torch.int8)
-    return codes, amax / levels
+    return quantize_rows_reference(x, torch.int8, INT8_LEVELS)
 
 
 @dataclass(frozen=True)
