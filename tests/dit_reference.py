@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import re
+from pathlib import Path
 
 import torch
 from pipeline_torchvision import import_transforms_v2
@@ -191,3 +192,18 @@ def to_quant_layout(turbo: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         else:
             out[key] = tensor
     return out
+
+
+def write_tiny_release(folder: Path, model_seed: int, input_seed: int) -> dict:
+    """One random tiny model as TurboDiffusion's release files in `folder`: TurboWan-tiny.pth (bf16, float32
+    norms) and TurboWan-tiny-quant.pth made from it by the spec formula, plus diffusers' float32 outputs of
+    the same weights on random inputs. Returns folder, bf16 and quant (the state dicts), inputs, expected."""
+    diffusers_model = make_diffusers_model(16, seed=model_seed)
+    turbo = to_turbodiffusion_layout(to_original_layout(diffusers_model.state_dict()))
+    bf16 = {key: value if ".norm" in key else value.to(torch.bfloat16) for key, value in turbo.items()}
+    quant = to_quant_layout(bf16)
+    torch.save(bf16, folder / "TurboWan-tiny.pth")
+    torch.save(quant, folder / "TurboWan-tiny-quant.pth")
+    inputs = make_inputs(16, seed=input_seed)
+    expected = diffusers_forward(diffusers_model, *inputs)
+    return {"folder": folder, "bf16": bf16, "quant": quant, "inputs": inputs, "expected": expected}

@@ -14,13 +14,8 @@ from comfyui_turbodiffusion.wan_models.dit_loader import detect_dit_layout, load
 from comfyui_turbodiffusion.wan_models.linear_layers import Fp8Linear, Int8Linear
 from dit_reference import (
     BLOCK_LINEARS,
-    diffusers_forward,
-    make_diffusers_model,
-    make_inputs,
     quantize_tiles_int8,
-    to_original_layout,
-    to_quant_layout,
-    to_turbodiffusion_layout,
+    write_tiny_release,
 )
 from quant_formulas import dequantize_tiles_f64, fp8_rows_quantize_f64, relative_l2
 from safetensors.torch import save_file
@@ -30,21 +25,7 @@ from safetensors.torch import save_file
 def release(tmp_path_factory):
     """One random model as TurboDiffusion's release files: bf16 (float32 norms) and the -quant made from it
     by the spec formula, plus diffusers' float32 outputs of the same weights."""
-    folder = tmp_path_factory.mktemp("release")
-    diffusers_model = make_diffusers_model(16, seed=21)
-    turbo = to_turbodiffusion_layout(to_original_layout(diffusers_model.state_dict()))
-    bf16 = {key: value if ".norm" in key else value.to(torch.bfloat16) for key, value in turbo.items()}
-    quant = to_quant_layout(bf16)
-    torch.save(bf16, folder / "TurboWan-tiny.pth")
-    torch.save(quant, folder / "TurboWan-tiny-quant.pth")
-    inputs = make_inputs(16, seed=22)
-    return {
-        "folder": folder,
-        "bf16": bf16,
-        "quant": quant,
-        "inputs": inputs,
-        "expected": diffusers_forward(diffusers_model, *inputs),
-    }
+    return write_tiny_release(tmp_path_factory.mktemp("release"), model_seed=21, input_seed=22)
 
 
 def _relative_output_error(model, release) -> float:

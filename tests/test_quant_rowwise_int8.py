@@ -22,13 +22,9 @@ from comfyui_turbodiffusion.wan_models.linear_layers import Int8Linear, Int8Roww
 from comfyui_turbodiffusion.wan_models.quantize import quantize_model_linears_
 from dit_reference import (
     BLOCK_LINEARS,
-    diffusers_forward,
-    make_diffusers_model,
     make_inputs,
     randomise_,
-    to_original_layout,
-    to_quant_layout,
-    to_turbodiffusion_layout,
+    write_tiny_release,
 )
 from quant_formulas import relative_l2
 from rowwise_formulas import (
@@ -107,16 +103,7 @@ def test_int8_rowwise_plan(capability, triton, path):
 @pytest.fixture(scope="module")
 def release(tmp_path_factory):
     """A random tiny model as TurboDiffusion's bf16 .pth and the -quant .pth made from it (spec formula)."""
-    folder = tmp_path_factory.mktemp("rowwise")
-    diffusers_model = make_diffusers_model(16, seed=31)
-    turbo = to_turbodiffusion_layout(to_original_layout(diffusers_model.state_dict()))
-    bf16 = {key: value if ".norm" in key else value.to(torch.bfloat16) for key, value in turbo.items()}
-    quant = to_quant_layout(bf16)
-    torch.save(bf16, folder / "TurboWan-tiny.pth")
-    torch.save(quant, folder / "TurboWan-tiny-quant.pth")
-    inputs = make_inputs(16, seed=32)
-    expected = diffusers_forward(diffusers_model, *inputs)
-    return {"folder": folder, "bf16": bf16, "quant": quant, "inputs": inputs, "expected": expected}
+    return write_tiny_release(tmp_path_factory.mktemp("rowwise"), model_seed=31, input_seed=32)
 
 
 def _output_error(model, release) -> float:
