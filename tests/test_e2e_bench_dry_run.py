@@ -7,10 +7,9 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
+from bench_children import run_bench
 from comfy_server import comfy_host
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -19,10 +18,8 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_dry_run_exercises_every_part(tmp_path):
     report = tmp_path / "e2e.json"
     env = {**os.environ, "OMP_NUM_THREADS": "2"}
-    command = [sys.executable, str(ROOT / "bench" / "e2e.py"), "--dry-run", "--json", str(report)]
-    command += ["--workdir", str(tmp_path)]
-    done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    options = ("--dry-run", "--json", str(report), "--workdir", str(tmp_path))
+    stdout = run_bench("e2e.py", *options, env=env, timeout=600, cwd=tmp_path)
     results = json.loads(report.read_text())
 
     variants = {row["variant"]: row for row in results["loops"]}
@@ -32,7 +29,7 @@ def test_dry_run_exercises_every_part(tmp_path):
     assert variants["graphs"]["vs_eager"]["rel_l2"] == 0.0  # the CPU runs PyTorch ops in both
     assert variants["int8"]["vs_eager"]["cos"] > 0.999
     assert variants["int8rw"]["vs_eager"]["cos"] > 0.999
-    assert "optimised path equals the unoptimised within bf16 tolerance: yes" in done.stdout
+    assert "optimised path equals the unoptimised within bf16 tolerance: yes" in stdout
 
     if comfy_host.find_comfyui_dir() is not None or (ROOT / ".ref" / "ComfyUI").exists():
         runs = results["whole_job"]

@@ -4,11 +4,8 @@ the cap, the capped and the uncapped job, and the per-stage table."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
-from pathlib import Path
+from bench_children import BARE_ENV, run_bench
 
-SCRIPT = Path(__file__).resolve().parents[1] / "bench" / "i2v_job.py"
 STAGES = (
     "text encoding",
     "image encoding (VAE)",
@@ -22,15 +19,7 @@ STAGES = (
 
 
 def test_i2v_job_bench_dry_run():
-    result = subprocess.run(
-        [sys.executable, str(SCRIPT), "--dry-run", "--attention", "sdpa"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={"OMP_NUM_THREADS": "1", "PATH": ""},
-    )
-    assert result.returncode == 0, result.stderr
-    out = result.stdout
+    out = run_bench("i2v_job.py", "--dry-run", "--attention", "sdpa", env=BARE_ENV)
     assert "umT5 encoder: bf16" in out, out  # the text encoder was built and used, not replaced by a context
     # The dry-run cap leaves room for one resident block: three of the four blocks stream from the CPU.
     assert "swap plan: 3 of 4 blocks per expert" in out, out

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import subprocess
 import sys
 from pathlib import Path
+
+from bench_children import run_bench
 
 ROOT = Path(__file__).resolve().parents[1]
 CATEGORY_ROWS = (
@@ -20,11 +21,7 @@ CATEGORY_ROWS = (
 
 
 def _run(*options: str) -> str:
-    command = [sys.executable, str(ROOT / "bench" / "profile_forward.py"), "--dry-run", *options]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    return done.stdout
+    return run_bench("profile_forward.py", "--dry-run", *options, env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
 def _table(stdout: str) -> dict[str, float]:

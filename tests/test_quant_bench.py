@@ -3,23 +3,12 @@ scenario (bf16, int8, fp8, int8 + planned block swap) completes with a finite ou
 
 from __future__ import annotations
 
-import subprocess
-import sys
-from pathlib import Path
-
-SCRIPT = Path(__file__).resolve().parents[1] / "bench" / "memory.py"
+from bench_children import BARE_ENV, run_bench
 
 
 def test_memory_bench_dry_run():
-    result = subprocess.run(
-        [sys.executable, str(SCRIPT), "--dry-run", "--attention", "sdpa", "--steps", "1"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={"OMP_NUM_THREADS": "1", "PATH": ""},
-    )
-    assert result.returncode == 0, result.stderr
-    out = result.stdout
+    options = ("--dry-run", "--attention", "sdpa", "--steps", "1")
+    out = run_bench("memory.py", *options, env=BARE_ENV)
     assert "GEMM throughput" in out and "Load-time int8 quantisation" in out
     step_rows = [line for line in out.splitlines() if line.strip().startswith("tiny")]
     assert len(step_rows) == 4 and all(line.rstrip().endswith("ok") for line in step_rows), out
