@@ -48,6 +48,7 @@ from comfyui_turbodiffusion.turbo_kernels import fp8_linear as fp8  # noqa: E402
 from comfyui_turbodiffusion.turbo_kernels import rowwise_gemm as rowwise  # noqa: E402
 from comfyui_turbodiffusion.turbo_kernels import w8a8_reference as int8_reference  # noqa: E402
 from comfyui_turbodiffusion.wan_models.attention import make_self_attention, sdpa_attention  # noqa: E402
+from comfyui_turbodiffusion.wan_models.block_ops import make_block_ops  # noqa: E402
 from comfyui_turbodiffusion.wan_models.block_swap import (  # noqa: E402
     GIB,
     enable_block_swap,
@@ -380,6 +381,9 @@ def run_step(scenario: Scenario, device: torch.device, attention: str, steps: in
     try:
         model = random_model(config, device, seed=0)
         model.set_self_attention(make_self_attention(attention, 0.1))
+        # The block ops `load_dit` gives a model (fused Triton norms on a GPU): the PyTorch ones keep float32
+        # temporaries of L x dim that a user's run does not have.
+        model.set_block_ops(make_block_ops("auto"))
         if scenario.storage != "dense":
             quantize_model_linears_(model, scenario.storage)
         swapped = 0
