@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .block_swap import estimate_activation_bytes
 from .i2v import CONDITION_CHANNELS, ExpertSwitch, module_device
 
 MAX_STEPS = 4
@@ -222,6 +223,13 @@ class _Clock:
         return elapsed
 
 
+def _prefetch_options(model: torch.nn.Module, shape: tuple[int, ...]) -> dict[str, object]:
+    """ExpertSwitch's prefetch options for a latent of `shape`: one forward's estimated activation bytes."""
+    batch, _, frames, height, width = shape
+    tokens = frames * (height // 2) * (width // 2)  # the DiT patchifies by 1 x 2 x 2
+    return {"prefetch": True, "activation_bytes": estimate_activation_bytes(model.config, tokens, batch)}
+
+
 @torch.no_grad()
 def rcm_sample(
     model: torch.nn.Module,
@@ -238,6 +246,7 @@ def rcm_sample(
     device: torch.device | str | None = None,
     callback: StepCallback | None = None,
     stats: SamplingStats | None = None,
+    prefetch_experts: bool = True,
 ) -> torch.Tensor:
     """Sample a latent with the rCM few-step sampler; returns the final latent (float32, normalised space).
 
@@ -248,6 +257,12 @@ def rcm_sample(
     `device` (default: the model's) holds the state and the seeded generator. `mode` is "sde" (fresh noise
     each step) or "ode". `callback(step, total)` runs after every step; `stats`, if given, is filled in.
     The models are left where sampling ended.
+
+    `prefetch_experts`: on a CUDA device where both experts and one forward's activations fit in the free
+    memory, the low-noise expert uploads while the high-noise expert's steps run, and the switch only waits
+    for what is left of the upload (see `ExpertSwitch`); False keeps one expert at a time on the device
+    (e.g. to leave the memory to something else). No effect elsewhere, nor when the low-noise expert would
+    not run (1 or 2 steps with the default grid).
     """
     check_sampler_options(steps, sigma_max, mode, boundary)
     arch = _check_expert_pair(model, low_noise_model)
@@ -271,12 +286,16 @@ def rcm_sample(
     stats = stats if stats is not None else SamplingStats()
 
     clock = _Clock(device)
-    experts = ExpertSwitch(model, low_noise_model, boundary, device)
-    stats.transfer_seconds += clock.lap()
     t_grid = rcm_time_grid(steps, sigma_max, device=device)
     # One read of the grid before the loop: the loop itself never waits for the device (expert choice and
     # timings come from these host copies; the clock synchronises only when the model changes and at the end).
     t_host = t_grid.tolist()
+    will_switch = low_noise_model is not None and any(t < boundary for t in t_host[:steps])
+    prefetch = {}
+    if prefetch_experts and will_switch and device.type == "cuda":
+        prefetch = _prefetch_options(model, shape)
+    experts = ExpertSwitch(model, low_noise_model, boundary, device, **prefetch)
+    stats.transfer_seconds += clock.lap()
     generator = torch.Generator(device=device)
     generator.manual_seed(seed)
     noise = torch.randn(shape, dtype=torch.float32, device=device, generator=generator)
