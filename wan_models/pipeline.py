@@ -374,6 +374,7 @@ def generate_i2v(
     return_frames: bool = True,
     text_encoder_device: torch.device | str | None = None,
     decode_vram_budget_gib: float | None = None,
+    prefetch_experts: bool = True,
 ) -> GenerationResult:
     """Image-to-video with the two Wan2.2 A14B TurboDiffusion experts (wan2.2_i2v_infer.py).
 
@@ -390,6 +391,11 @@ def generate_i2v(
     GPU one after the other: the text encoder while it encodes, the VAE's encoder, one expert at a time (the
     outgoing expert leaves before the incoming one arrives), then the VAE's decoder with the experts back
     home. bench/i2v_job.py measures this at 720p under a 24 GiB cap.
+
+    `prefetch_experts`: where both experts and one forward's activations fit in the memory this process may
+    still use on the GPU (a per-process memory fraction counts), the low-noise expert uploads while the
+    high-noise expert samples, hiding its transfer (see `rcm_sample`); False keeps strictly one expert at a
+    time on the GPU, e.g. when the budget is meant to leave the rest of the GPU to something else.
     """
     validate_num_frames(num_frames)
     check_sampler_options(steps, sigma_max, mode, boundary)
@@ -420,7 +426,15 @@ def generate_i2v(
         sla_topk=sla_topk,
         device=device,
         callback=callback,
-        sampler_options=dict(seed=seed, steps=steps, sigma_max=sigma_max, mode=mode, y=y, boundary=boundary),
+        sampler_options=dict(
+            seed=seed,
+            steps=steps,
+            sigma_max=sigma_max,
+            mode=mode,
+            y=y,
+            boundary=boundary,
+            prefetch_experts=prefetch_experts,
+        ),
         video_file=video_file,
         decode_vram_budget_gib=decode_vram_budget_gib,
     )
