@@ -230,6 +230,8 @@ class TD_RCMSampler:
                     y=condition,
                     low_noise_model=None if low_noise_model is None else low_noise_model.network,
                     boundary=boundary,
+                    # Both experts on the GPU at once would exceed a budget planned for one of them.
+                    prefetch_experts=max_vram_gb <= 0,
                     device=model.load_device,
                     callback=lambda step, total: progress.update_absolute(step, total),
                     stats=stats,

@@ -11,6 +11,7 @@ works, after which the server runs the next prompt.
 from __future__ import annotations
 
 import re
+import sys
 from types import SimpleNamespace
 
 import pytest
@@ -137,6 +138,29 @@ def test_i2v_expert_pair_under_a_budget_is_bit_identical_and_keeps_its_swap(pack
     assert [active_block_swap(p.network) for p in (high, low)] == swaps, "a re-run must not re-swap"
     assert high.model_size() == swapped_size
     assert caplog.text.count("swaps 4 of 6 blocks (was 0") == 2
+
+
+def test_a_budget_turns_off_the_expert_prefetch(pack, deep_files, monkeypatch):
+    """Both experts on the GPU at once would exceed a budget planned for one, so the sampler asks the
+    library not to upload the low-noise expert early when max_vram_gb is set."""
+    high, low = _patcher(deep_files, DEEP_FILES[36]), _patcher(deep_files, DEEP_LOW_I2V)
+    seen = []
+
+    def fake_sample(*args, **kwargs):
+        seen.append(kwargs["prefetch_experts"])
+        return torch.zeros(args[2])
+
+    context = torch.zeros(1, 512, TINY["text_dim"])
+    image = {"concat_latent_image": torch.zeros(1, 16, 2, 4, 6), "concat_mask": torch.ones(1, 1, 2, 4, 6)}
+    latent = {"samples": torch.zeros(1, 16, 2, 4, 6)}
+    sampler = pack.nodes.NODE_CLASS_MAPPINGS["TD_RCMSampler"]()
+    node_module = sys.modules[type(sampler).__module__]
+    monkeypatch.setattr(node_module.wan_models, "rcm_sample", fake_sample)
+    arguments = dict(seed=5, steps=3, sigma_max=200.0, mode="sde", low_noise_model=low)
+    sampler.sample(high, [[context, image]], latent, **arguments)
+    budget = _budget_for(high.network, 4, latent["samples"].shape)
+    sampler.sample(high, [[context, image]], latent, **arguments, max_vram_gb=budget)
+    assert seen == [True, False]
 
 
 # ------------------------------------------------------------------------------------------- real server
