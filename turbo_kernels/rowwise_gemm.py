@@ -16,6 +16,11 @@ Computes, for A [M, K] and B [N, K] both int8 or both float8_e4m3fn (row-major, 
   channel int8: w = code · s_tile in float32, then the row quantiser above (s_n = max_k|w| / 127), with its
   rel-L2 distance to the tile weight, over the matrix and for the worst tile, so that a caller can refuse a
   layer that loses too much.
+* `tile_scaled_matmul`: the exact `-quant` product (TURBODIFFUSION.md §11, KERNELS.md §1.7) on the same
+  persistent kernel (a constexpr variant of one `@triton.jit` body): int8 A and W with one float32 scale per
+  128×128 tile (A's from `int8_gemm.quantize_tiles_triton`), BLOCK_K = 128; every K step converts the block's
+  int32 sum to float32 and adds it times sa·sw to a float32 accumulator; the epilogue casts to the output
+  dtype and adds the bias in it, as `w8a8_reference`. A bench variant: no model path uses it yet.
 * `rowwise_linear`: x [..., K] -> quantise per token (int8 or e4m3, like the weight) -> GEMM -> [..., N] bf16.
 
 Kernel: persistent (programs_per_sm programs per SM, tiles in grouped order so GROUP_M row tiles share the B
@@ -41,6 +46,8 @@ KERNELS.md §4.8): see `rowwise_gemm_supported`.
 Tested (no GPU in CI): tests/rowwise_gemm_interpret_cases.py runs the kernels under TRITON_INTERPRET=1
 (descriptor and pointer paths, ragged M/N/K, bias, GELU) against formulas written in the test: int8 exact
 in int64, then scaled in float64 (within one bf16 ulp); fp8 against float64; the quantiser bit-exact.
+tests/tile_gemm_interpret_cases.py checks `tile_scaled_matmul` against `w8a8_reference.w8a8_matmul` /
+`w8a8_linear` (within one output ulp; bit for bit on the interpreter, which does not fuse the multiply-add).
 tests/rowwise_gemm_compile_check.py compiles the default configs for sm80/89/90 (no spills; int8 → wgmma
 s32.s8.s8, fp8 → wgmma e4m3 on sm90); run by hand with Triton 3.6.0 (the GPU's) and 3.9.0 (CI's) on
 2026-11-21: both compile, 3.6 needs the explicit int32 `out_dtype` of the int8 dot. Speed on a GPU: not
@@ -49,7 +56,7 @@ measured when this was written.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -74,6 +81,7 @@ MIN_TRITON = (3, 4)  # tl.range(flatten=...)
 # F.gelu(approximate="tanh"): 0.5·y·(1 + tanh(√(2/π)·(y + 0.044715·y³))).
 _GELU_SCALE = tl.constexpr(0.7978845608028654)
 _GELU_CUBIC = tl.constexpr(0.044715)
+_TILE = tl.constexpr(TILE)
 # TMA: base addresses and row strides must be multiples of 16 bytes.
 DESCRIPTOR_ALIGNMENT = 16
 CODE_DTYPES = (torch.int8, E4M3)
@@ -126,6 +134,19 @@ DEFAULT_CONFIGS: dict[str, dict[torch.dtype, RowwiseGemmConfig]] = {
     "ampere": {torch.int8: _POINTER, E4M3: _POINTER},
     "consumer": {torch.int8: _POINTER, E4M3: _POINTER},
 }
+
+
+# `tile_scaled_matmul`; not yet tuned on a GPU (bench/memory.py's sweep has the candidates). Hopper: the
+# row-wise int8 launch (two 4-warp 128×128×128 programs per SM); there each thread holds an int32 partial
+# tile and the float32 accumulator (2 × 128 registers), and ptxas (Triton 3.9, sm90) spills 152-160 bytes;
+# 8 warps (167-179 registers) and 64×128 tiles with 4 warps do not spill (tests/test_tile_gemm_compile.py).
+# Elsewhere: 8 warps, 3 stages (64 KB of operand buffers, within the consumer GPUs' ~100 KB), pointer loads.
+TILE_SCALED_CONFIGS: dict[str, RowwiseGemmConfig] = {
+    "hopper": _HOPPER_INT8,
+    "ampere": replace(_POINTER, block_k=TILE, num_stages=3),
+    "consumer": replace(_POINTER, block_k=TILE, num_stages=3),
+}
+TILE_SCALED_OUT_DTYPES = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
 
 
 def architecture_family(capability: tuple[int, int] | None) -> str:
@@ -206,6 +227,8 @@ def _epilogue(
     N,
     HAS_BIAS: tl.constexpr,
     GELU: tl.constexpr,
+    TILE_SCALES: tl.constexpr,
+    OUT_DTYPE: tl.constexpr,
     DESCRIPTORS: tl.constexpr,
     SPLIT_EPILOGUE: tl.constexpr,
     SOFTWARE_BF16: tl.constexpr,
@@ -214,16 +237,24 @@ def _epilogue(
 ):
     rows = row0 + tl.arange(0, BLOCK_M)
     columns = col0 + tl.arange(0, BLOCK_N)
-    a_scale = tl.load(a_scale_ptr + rows, mask=rows < M, other=0.0)
-    b_scale = tl.load(b_scale_ptr + columns, mask=columns < N, other=0.0)
-    y = acc.to(tl.float32) * a_scale[:, None] * b_scale[None, :]
-    if HAS_BIAS:
-        y += tl.load(bias_ptr + columns, mask=columns < N, other=0.0).to(tl.float32)[None, :]
-    if GELU:
-        # 0.5·y·(1 + tanh z) = y · sigmoid(2z): no tanh needed, and exact limits (y, −0) for large |y|.
-        z = _GELU_SCALE * (y + _GELU_CUBIC * y * y * y)
-        y = y / (1.0 + tl.exp(-2.0 * z))
-    y = _cast(y, tl.bfloat16, SOFTWARE_BF16)
+    if TILE_SCALES:
+        # Already scaled in the K loop. As `w8a8_reference.w8a8_linear`: cast, then `+ bias` in the output
+        # dtype (bias rounded to it, the sum in float32, rounded again).
+        y = _cast(acc, OUT_DTYPE, SOFTWARE_BF16)
+        if HAS_BIAS:
+            bias = tl.load(bias_ptr + columns, mask=columns < N, other=0.0).to(OUT_DTYPE).to(tl.float32)
+            y = _cast(y.to(tl.float32) + bias[None, :], OUT_DTYPE, SOFTWARE_BF16)
+    else:
+        a_scale = tl.load(a_scale_ptr + rows, mask=rows < M, other=0.0)
+        b_scale = tl.load(b_scale_ptr + columns, mask=columns < N, other=0.0)
+        y = acc.to(tl.float32) * a_scale[:, None] * b_scale[None, :]
+        if HAS_BIAS:
+            y += tl.load(bias_ptr + columns, mask=columns < N, other=0.0).to(tl.float32)[None, :]
+        if GELU:
+            # 0.5·y·(1 + tanh z) = y · sigmoid(2z): no tanh needed, and exact limits (y, −0) for large |y|.
+            z = _GELU_SCALE * (y + _GELU_CUBIC * y * y * y)
+            y = y / (1.0 + tl.exp(-2.0 * z))
+        y = _cast(y, OUT_DTYPE, SOFTWARE_BF16)
     if DESCRIPTORS:
         if SPLIT_EPILOGUE:
             left, right = tl.split(tl.permute(tl.reshape(y, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1)))
@@ -234,6 +265,93 @@ def _epilogue(
     else:
         offsets = rows.to(tl.int64)[:, None] * N + columns[None, :]
         tl.store(out + offsets, y, mask=(rows[:, None] < M) & (columns[None, :] < N))
+
+
+@triton.jit
+def _persistent_gemm(
+    a,
+    b,
+    out,
+    a_scale_ptr,
+    b_scale_ptr,
+    bias_ptr,
+    M,
+    N,
+    K,
+    HAS_BIAS: tl.constexpr,
+    GELU: tl.constexpr,
+    INTEGER: tl.constexpr,
+    TILE_SCALES: tl.constexpr,
+    OUT_DTYPE: tl.constexpr,
+    DESCRIPTORS: tl.constexpr,
+    EVEN_K: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+    FLATTEN: tl.constexpr,
+    SPLIT_EPILOGUE: tl.constexpr,
+    SOFTWARE_BF16: tl.constexpr,
+):
+    # a, b, out: tensor descriptors (blocks [BLOCK_M, BLOCK_K], [BLOCK_N, BLOCK_K], [BLOCK_M, BLOCK_N or
+    # BLOCK_N / 2]) when DESCRIPTORS, else pointers to contiguous matrices. TILE_SCALES: int8 operands with
+    # one scale per 128×128 tile (a_scale [⌈M/128⌉, ⌈K/128⌉], b_scale [⌈N/128⌉, ⌈K/128⌉]), dequantised every
+    # K step into a float32 accumulator; else int32 / float32 accumulation and per-row scales in the epilogue.
+    tiles_m = tl.cdiv(M, BLOCK_M)
+    tiles_n = tl.cdiv(N, BLOCK_N)
+    k_steps = tl.cdiv(K, BLOCK_K)
+    offs_k = tl.arange(0, BLOCK_K)
+    for tile in tl.range(tl.program_id(0), tiles_m * tiles_n, tl.num_programs(0), flatten=FLATTEN):
+        row0, col0 = _tile_origin(tile, tiles_m, tiles_n, BLOCK_M, BLOCK_N, GROUP_M)
+        if not DESCRIPTORS:
+            # Rows and columns past the end read valid (wrapped) memory; the epilogue never stores them.
+            a_rows = a + ((row0 + tl.arange(0, BLOCK_M)) % M).to(tl.int64)[:, None] * K
+            b_rows = b + ((col0 + tl.arange(0, BLOCK_N)) % N).to(tl.int64)[:, None] * K
+        if TILE_SCALES:
+            # BLOCK_K is the 128-wide scale tile and BLOCK_M, BLOCK_N divide 128: one scale of each operand
+            # covers the whole output tile at each K step.
+            a_scale_row = a_scale_ptr + (row0 // _TILE).to(tl.int64) * k_steps
+            b_scale_row = b_scale_ptr + (col0 // _TILE).to(tl.int64) * k_steps
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32 if INTEGER and not TILE_SCALES else tl.float32)
+        for step in range(k_steps):
+            k0 = step * BLOCK_K
+            if DESCRIPTORS:
+                a_tile = a.load([row0, k0])
+                b_tile = b.load([col0, k0])
+            elif EVEN_K:
+                a_tile = tl.load(a_rows + (k0 + offs_k)[None, :])
+                b_tile = tl.load(b_rows + (k0 + offs_k)[None, :])
+            else:
+                in_k = (k0 + offs_k)[None, :] < K
+                a_tile = tl.load(a_rows + (k0 + offs_k)[None, :], mask=in_k, other=0.0)
+                b_tile = tl.load(b_rows + (k0 + offs_k)[None, :], mask=in_k, other=0.0)
+            if TILE_SCALES:
+                partial = tl.dot(a_tile, b_tile.T, out_dtype=tl.int32)  # exact: |Σ| <= 2^21
+                scale = tl.load(a_scale_row + step) * tl.load(b_scale_row + step)
+                acc += partial.to(tl.float32) * scale
+            else:
+                # Triton 3.6 needs the explicit out_dtype for int32.
+                acc = tl.dot(a_tile, b_tile.T, acc, out_dtype=acc.dtype)
+        _epilogue(
+            acc,
+            out,
+            a_scale_ptr,
+            b_scale_ptr,
+            bias_ptr,
+            row0,
+            col0,
+            M,
+            N,
+            HAS_BIAS,
+            GELU,
+            TILE_SCALES,
+            OUT_DTYPE,
+            DESCRIPTORS,
+            SPLIT_EPILOGUE,
+            SOFTWARE_BF16,
+            BLOCK_M,
+            BLOCK_N,
+        )
 
 
 @triton.jit
@@ -260,50 +378,82 @@ def _rowwise_gemm_kernel(
     SPLIT_EPILOGUE: tl.constexpr,
     SOFTWARE_BF16: tl.constexpr,
 ):
-    # a, b, out: tensor descriptors (blocks [BLOCK_M, BLOCK_K], [BLOCK_N, BLOCK_K], [BLOCK_M, BLOCK_N or
-    # BLOCK_N / 2]) when DESCRIPTORS, else pointers to contiguous matrices.
-    tiles_m = tl.cdiv(M, BLOCK_M)
-    tiles_n = tl.cdiv(N, BLOCK_N)
-    k_steps = tl.cdiv(K, BLOCK_K)
-    offs_k = tl.arange(0, BLOCK_K)
-    for tile in tl.range(tl.program_id(0), tiles_m * tiles_n, tl.num_programs(0), flatten=FLATTEN):
-        row0, col0 = _tile_origin(tile, tiles_m, tiles_n, BLOCK_M, BLOCK_N, GROUP_M)
-        if not DESCRIPTORS:
-            # Rows and columns past the end read valid (wrapped) memory; the epilogue never stores them.
-            a_rows = a + ((row0 + tl.arange(0, BLOCK_M)) % M).to(tl.int64)[:, None] * K
-            b_rows = b + ((col0 + tl.arange(0, BLOCK_N)) % N).to(tl.int64)[:, None] * K
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32 if INTEGER else tl.float32)
-        for step in range(k_steps):
-            k0 = step * BLOCK_K
-            if DESCRIPTORS:
-                a_tile = a.load([row0, k0])
-                b_tile = b.load([col0, k0])
-            elif EVEN_K:
-                a_tile = tl.load(a_rows + (k0 + offs_k)[None, :])
-                b_tile = tl.load(b_rows + (k0 + offs_k)[None, :])
-            else:
-                in_k = (k0 + offs_k)[None, :] < K
-                a_tile = tl.load(a_rows + (k0 + offs_k)[None, :], mask=in_k, other=0.0)
-                b_tile = tl.load(b_rows + (k0 + offs_k)[None, :], mask=in_k, other=0.0)
-            acc = tl.dot(a_tile, b_tile.T, acc, out_dtype=acc.dtype)  # Triton 3.6 needs out_dtype for int32
-        _epilogue(
-            acc,
-            out,
-            a_scale_ptr,
-            b_scale_ptr,
-            bias_ptr,
-            row0,
-            col0,
-            M,
-            N,
-            HAS_BIAS,
-            GELU,
-            DESCRIPTORS,
-            SPLIT_EPILOGUE,
-            SOFTWARE_BF16,
-            BLOCK_M,
-            BLOCK_N,
-        )
+    _persistent_gemm(
+        a,
+        b,
+        out,
+        a_scale_ptr,
+        b_scale_ptr,
+        bias_ptr,
+        M,
+        N,
+        K,
+        HAS_BIAS,
+        GELU,
+        INTEGER,
+        False,
+        tl.bfloat16,
+        DESCRIPTORS,
+        EVEN_K,
+        BLOCK_M,
+        BLOCK_N,
+        BLOCK_K,
+        GROUP_M,
+        FLATTEN,
+        SPLIT_EPILOGUE,
+        SOFTWARE_BF16,
+    )
+
+
+@triton.jit
+def _tile_scaled_gemm_kernel(
+    a,
+    b,
+    out,
+    a_scale_ptr,
+    b_scale_ptr,
+    bias_ptr,
+    M,
+    N,
+    K,
+    HAS_BIAS: tl.constexpr,
+    OUT_DTYPE: tl.constexpr,
+    DESCRIPTORS: tl.constexpr,
+    EVEN_K: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+    FLATTEN: tl.constexpr,
+    SPLIT_EPILOGUE: tl.constexpr,
+    SOFTWARE_BF16: tl.constexpr,
+):
+    tl.static_assert(_TILE % BLOCK_M == 0 and _TILE % BLOCK_N == 0 and BLOCK_K == _TILE)
+    _persistent_gemm(
+        a,
+        b,
+        out,
+        a_scale_ptr,
+        b_scale_ptr,
+        bias_ptr,
+        M,
+        N,
+        K,
+        HAS_BIAS,
+        False,
+        True,
+        True,
+        OUT_DTYPE,
+        DESCRIPTORS,
+        EVEN_K,
+        BLOCK_M,
+        BLOCK_N,
+        BLOCK_K,
+        GROUP_M,
+        FLATTEN,
+        SPLIT_EPILOGUE,
+        SOFTWARE_BF16,
+    )
 
 
 def quantize_rows_int8_triton(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -440,6 +590,91 @@ def rowwise_matmul(
         FLATTEN=config.flatten,
         SPLIT_EPILOGUE=config.split_epilogue,
         SOFTWARE_BF16=interpreting(),
+        num_warps=config.num_warps,
+        num_stages=config.num_stages,
+    )
+    return out
+
+
+def _check_tile_operands(a8, a_scale, w8, w_scale, bias, out_dtype) -> None:
+    if a8.dim() != 2 or w8.dim() != 2 or a8.shape[1] != w8.shape[1]:
+        raise ValueError(f"expected A [M, K] and W [N, K], got {tuple(a8.shape)} and {tuple(w8.shape)}")
+    if a8.dtype != torch.int8 or w8.dtype != torch.int8:
+        raise ValueError(f"A and W must both be int8 codes, got {a8.dtype} and {w8.dtype}")
+    if out_dtype not in TILE_SCALED_OUT_DTYPES:
+        raise ValueError(f"out_dtype must be one of {list(TILE_SCALED_OUT_DTYPES)}, got {out_dtype}")
+    for name, codes, scale in (("a_scale", a8, a_scale), ("w_scale", w8, w_scale)):
+        grid = tile_grid(*codes.shape)
+        if scale.shape != grid or scale.dtype != torch.float32 or not scale.is_contiguous():
+            raise ValueError(
+                f"{name} must be contiguous float32 {grid} (one scale per 128×128 tile), got {scale.dtype} "
+                f"{tuple(scale.shape)}"
+            )
+    if not (a8.is_contiguous() and w8.is_contiguous()):
+        raise ValueError("A and W must be contiguous (row-major, K-contiguous): call .contiguous() first")
+    if bias is not None and (bias.shape != (w8.shape[0],) or not bias.is_contiguous()):
+        raise ValueError(f"bias must be a contiguous vector of {w8.shape[0]}, got {tuple(bias.shape)}")
+
+
+def tile_scaled_matmul(
+    a8: torch.Tensor,
+    a_scale: torch.Tensor,
+    w8: torch.Tensor,
+    w_scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    out_dtype: torch.dtype,
+    config: RowwiseGemmConfig | None = None,
+) -> torch.Tensor:
+    """The exact `-quant` product on the persistent kernel: A [M, K] and W [N, K] int8 with one float32 scale
+    per 128×128 tile (a_scale [⌈M/128⌉, ⌈K/128⌉] from `int8_gemm.quantize_tiles_triton`, w_scale
+    [⌈N/128⌉, ⌈K/128⌉], the checkpoint's `scale`) -> [M, N] in `out_dtype` (bf16, fp16 or fp32):
+    acc += fp32(int32 Σ of one 128-wide K block) · (sa · sw) per K block, cast, then `+ bias` in `out_dtype`,
+    as `w8a8_reference.w8a8_matmul` and `w8a8_linear` (the GPU may fuse the multiply-add: one float32
+    rounding less per K block). `config`: block_k 128, block_m and block_n dividing 128 (default:
+    `TILE_SCALED_CONFIGS`)."""
+    _check_tile_operands(a8, a_scale, w8, w_scale, bias, out_dtype)
+    if config is None:
+        capability = torch.cuda.get_device_capability(a8.device) if a8.device.type == "cuda" else None
+        config = TILE_SCALED_CONFIGS[architecture_family(capability)]
+    if TILE % config.block_m or TILE % config.block_n or config.block_k != TILE:
+        raise ValueError(
+            f"the tile-scale format needs block_k 128 and block_m, block_n dividing 128, got {config.label()}"
+        )
+    rows, depth = a8.shape
+    columns = w8.shape[0]
+    out = torch.empty(rows, columns, dtype=out_dtype, device=a8.device)
+    if rows == 0 or columns == 0 or depth == 0:
+        return out.zero_() if bias is None else out.copy_(bias.to(out_dtype).expand(rows, columns))
+    use_descriptors = config.descriptors and descriptors_usable(a8, w8, out)
+    if use_descriptors:
+        store_n = config.block_n // 2 if config.split_epilogue else config.block_n
+        operands = (
+            TensorDescriptor.from_tensor(a8, [config.block_m, TILE]),
+            TensorDescriptor.from_tensor(w8, [config.block_n, TILE]),
+            TensorDescriptor.from_tensor(out, [config.block_m, store_n]),
+        )
+    else:
+        operands = (a8, w8, out)
+    tiles = triton.cdiv(rows, config.block_m) * triton.cdiv(columns, config.block_n)
+    _tile_scaled_gemm_kernel[(_programs(a8.device, tiles, config.programs_per_sm),)](
+        *operands,
+        a_scale,
+        w_scale,
+        bias if bias is not None else a_scale,
+        rows,
+        columns,
+        depth,
+        HAS_BIAS=bias is not None,
+        OUT_DTYPE=TILE_SCALED_OUT_DTYPES[out_dtype],
+        DESCRIPTORS=use_descriptors,
+        EVEN_K=depth % TILE == 0,
+        BLOCK_M=config.block_m,
+        BLOCK_N=config.block_n,
+        BLOCK_K=TILE,
+        GROUP_M=config.group_m,
+        FLATTEN=config.flatten,
+        SPLIT_EPILOGUE=config.split_epilogue,
+        SOFTWARE_BF16=interpreting() and out_dtype == torch.bfloat16,
         num_warps=config.num_warps,
         num_stages=config.num_stages,
     )
