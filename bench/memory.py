@@ -2,15 +2,17 @@
 
 1. GEMM throughput at the Wan shapes (M = 32760 and 75600 tokens; K, N of the 1.3B and 14B block linears):
    bf16 `torch.matmul` against the int8 W8A8 Triton path for the `-quant` 128×128-tile format (with and
-   without its activation quantiser: "int8", "int8 gemm"), the row-wise int8 path of
+   without its activation quantiser: "int8", "int8 gemm"), the same exact format on the persistent kernel of
+   turbo_kernels/rowwise_gemm.py (the Triton tile quantiser + `tile_scaled_matmul`: "int8 tiles persistent"),
+   the row-wise int8 path of
    turbo_kernels/rowwise_gemm.py (per-token Triton quantiser + GEMM: "int8 rw"; GEMM alone: "int8 rw gemm";
    its weight re-quantised from the tile format, error printed), the fp8 path (per-token quantisation, by
    Triton on FP8 GPUs, + `torch._scaled_mm`: "fp8"; `_scaled_mm` alone: "fp8 mm") and the row-wise Triton
    GEMM on the same fp8 inputs (the Triton e4m3 quantiser + the GEMM, the path the model's fp8 linears take
    where it runs: "fp8 tri"; the GEMM alone: "fp8 tri gemm"), side by side, with rel-L2 errors against the
    bf16 product as a sanity check. Then a few tile configs of the tile-format int8 GEMM at M = 75600,
-   K = N = 5120, and a sweep of row-wise GEMM configs (int8 and fp8) at M 75600, K = N 5120 and M 32760,
-   K 1536, N 8960.
+   K = N = 5120, and a sweep of persistent GEMM configs (row-wise int8 and fp8, and the tile-format int8
+   variant: "int8 tiles") at M 75600, K = N 5120 and M 32760, K 1536, N 8960.
 2. Load-time int8 quantisation of a 14B bf16 state dict held on the CPU, one layer at a time on the GPU:
    peak GPU memory next to the size of the int8 model.
 3. One DiT step (one forward; rCM runs one per step) of random-weight models at full size: the A14B I2V expert
@@ -98,6 +100,16 @@ ROWWISE_SWEEP = (
     _RW(block_n=128, block_k=64, num_warps=4, num_stages=4, programs_per_sm=2),
     _RW(block_n=128, block_k=64, num_warps=4, num_stages=5, programs_per_sm=2),
 )
+# `tile_scaled_matmul` (the -quant format on the persistent kernel): K steps of 128 = the scale tile. Two
+# 4-warp programs per SM (the 128-row one spills a little, the 64-row one does not) against one 8-warp
+# program.
+TILE_SWEEP = (
+    _RW(block_n=128, num_warps=4, num_stages=3, programs_per_sm=2),
+    _RW(block_m=64, block_n=128, num_warps=4, num_stages=3, programs_per_sm=2),
+    _RW(block_m=64, block_n=128, num_warps=4, num_stages=4, programs_per_sm=2),
+    _RW(block_n=128, num_warps=8, num_stages=3),
+    _RW(block_n=128, num_warps=8, num_stages=4),
+)
 
 
 @dataclass(frozen=True)
@@ -152,6 +164,7 @@ def gemm_table(
     say("GEMM throughput (TFLOPS = 2·M·N·K / time; speed-up against bf16 torch.matmul; err = rel-L2 vs bf16)")
     cuda = device.type == "cuda"
     int8_linear, int8_matmul, quantize_x = _int8_paths(cuda)
+    tile_persistent = _tile_persistent_linear(device)
     use_scaled_mm = cuda and torch.cuda.get_device_capability(device) >= fp8.SCALED_MM_MIN_CAPABILITY
     fp8_quantize = _fp8_quantizer(use_scaled_mm)
     rowwise_linear, rowwise_matmul, quantize_rows_int8 = _rowwise_paths(device)
@@ -174,6 +187,7 @@ def gemm_table(
                 "bf16": lambda x=x, w=w: torch.matmul(x, w.T),
                 "int8": lambda x=x, c=codes, s=scale: int8_linear(x, c, s, None),
                 "int8 gemm": lambda a=x_codes, b=x_scale, c=codes, s=scale: int8_matmul(a, b, c, s),
+                "int8 tiles persistent": lambda x=x, c=codes, s=scale: tile_persistent(x, c, s),
                 "int8 rw": lambda x=x, c=rw.codes, s=rw.scale: rowwise_linear(x, c, s),
                 "int8 rw gemm": lambda a=xr_codes, b=xr_scale, c=rw.codes, s=rw.scale: rowwise_matmul(
                     a, b, c, s
@@ -205,7 +219,7 @@ def gemm_table(
         rowwise_sweep(device, Clock(device, warmup=10, rep=40))
 
 
-ERROR_COLUMNS = ("int8", "int8 rw", "fp8", "fp8 tri")
+ERROR_COLUMNS = ("int8", "int8 tiles persistent", "int8 rw", "fp8", "fp8 tri")
 
 
 def _int8_paths(cuda: bool):
@@ -222,6 +236,19 @@ def _int8_paths(cuda: bool):
         lambda a, b, c, s: int8_reference.w8a8_matmul(a, b, c, s, torch.bfloat16),
         int8_reference.quantize_tiles,
     )
+
+
+def _tile_persistent_linear(device: torch.device):
+    """x -> bf16 through the Triton tile quantiser and `rowwise_gemm.tile_scaled_matmul` where the row-wise
+    kernels run, else the PyTorch reference of the same format (CPU dry run)."""
+    if not _rowwise_runs(device, torch.int8):
+        return lambda x, codes, scale: int8_reference.w8a8_linear(x, codes, scale, None)
+    from comfyui_turbodiffusion.turbo_kernels import int8_gemm
+
+    def linear(x, codes, scale):
+        return rowwise.tile_scaled_matmul(*int8_gemm.quantize_tiles_triton(x), codes, scale, None, x.dtype)
+
+    return linear
 
 
 def _rowwise_runs(device: torch.device, code_dtype: torch.dtype) -> bool:
@@ -282,9 +309,10 @@ def int8_sweep(device: torch.device, clock: Clock) -> None:
 
 
 def rowwise_sweep(device: torch.device, clock: Clock) -> None:
-    """Times `ROWWISE_SWEEP` for int8 and fp8 at `ROWWISE_SWEEP_SHAPES`, next to bf16 torch.matmul. A config
-    that fails (compile error, too much shared memory) prints why and the sweep goes on; err (rel-L2 vs the
-    bf16 product) exposes a config that computes garbage."""
+    """Times `ROWWISE_SWEEP` for int8 and fp8 and `TILE_SWEEP` for the tile-format int8 variant at
+    `ROWWISE_SWEEP_SHAPES`, next to bf16 torch.matmul. A config that fails (compile error, too much shared
+    memory) prints why and the sweep goes on; err (rel-L2 vs the bf16 product) exposes a config that computes
+    garbage."""
     code_dtypes = [dtype for dtype in (torch.int8, fp8.E4M3) if _rowwise_runs(device, dtype)]
     for m, k, n in ROWWISE_SWEEP_SHAPES:
         generator = torch.Generator(device).manual_seed(m + k + n)
@@ -298,25 +326,46 @@ def rowwise_sweep(device: torch.device, clock: Clock) -> None:
             operands = (*quantize(x), *quantize(w))
             default = rowwise.default_config(device, dtype)
             for config in ROWWISE_SWEEP:
-                cells = _time_rowwise_config(operands, config, reference, bf16, clock)
+                cells = _time_rowwise_config(rowwise.rowwise_matmul, operands, config, reference, bf16, clock)
                 mark = " (default)" if config == default else ""
                 rows.append(["int8" if dtype == torch.int8 else "fp8", config.label() + mark, *cells])
             del operands
+        if torch.int8 in code_dtypes:
+            from comfyui_turbodiffusion.turbo_kernels import int8_gemm
+
+            operands = (*int8_gemm.quantize_tiles_triton(x), *int8_reference.quantize_tiles(w))
+            default = rowwise.TILE_SCALED_CONFIGS[rowwise.architecture_family(_capability(device))]
+            for config in TILE_SWEEP:
+                cells = _time_rowwise_config(_tile_scaled_bf16, operands, config, reference, bf16, clock)
+                mark = " (default)" if config == default else ""
+                rows.append(["int8 tiles", config.label() + mark, *cells])
+            del operands
         say(
-            f"Row-wise W8A8 GEMM configs at M={m}, K={k}, N={n} (bf16 torch.matmul {bf16:.3f} ms, "
+            f"Persistent W8A8 GEMM configs (row-wise int8 and fp8, -quant int8 tiles) at M={m}, K={k}, "
+            f"N={n} (bf16 torch.matmul {bf16:.3f} ms, "
             f"{2 * m * n * k / bf16 / 1e9:.0f} TFLOPS)"
         )
         table(["type", "config", "ms", "TFLOPS", "vs bf16", "err"], rows)
         del x, w, reference
 
 
-def _time_rowwise_config(operands: tuple, config, reference: torch.Tensor, bf16: float, clock: Clock) -> list:
-    """[ms, TFLOPS, speed-up, err] of one config, or ["failed", "", "", why]."""
+def _capability(device: torch.device) -> tuple[int, int] | None:
+    return torch.cuda.get_device_capability(device) if device.type == "cuda" else None
+
+
+def _tile_scaled_bf16(a, a_scale, b, b_scale, config) -> torch.Tensor:
+    return rowwise.tile_scaled_matmul(a, a_scale, b, b_scale, None, torch.bfloat16, config)
+
+
+def _time_rowwise_config(
+    matmul: Callable, operands: tuple, config, reference: torch.Tensor, bf16: float, clock: Clock
+) -> list:
+    """[ms, TFLOPS, speed-up, err] of `matmul(*operands, config=config)`, or ["failed", "", "", why]."""
     a, a_scale, b, b_scale = operands
     flop = 2 * a.shape[0] * b.shape[0] * a.shape[1]
     try:
-        error = relative_error(rowwise.rowwise_matmul(a, a_scale, b, b_scale, config=config), reference)
-        ms = clock(lambda: rowwise.rowwise_matmul(a, a_scale, b, b_scale, config=config))
+        error = relative_error(matmul(a, a_scale, b, b_scale, config=config), reference)
+        ms = clock(lambda: matmul(a, a_scale, b, b_scale, config=config))
     except Exception as failure:  # a config that does not compile or fit must not stop the table
         reason = " ".join(str(failure).split())[:100]
         return ["failed", "", "", f"{type(failure).__name__}: {reason}"]
