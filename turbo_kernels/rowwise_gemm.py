@@ -540,6 +540,47 @@ def _programs(device: torch.device, tiles: int, per_sm: int) -> int:
     return min(tiles, per_sm * torch.cuda.get_device_properties(device).multi_processor_count)
 
 
+def _launch_persistent(kernel, a, b, out, a_scale, b_scale, bias, config: RowwiseGemmConfig, **flags):
+    """Launch a persistent GEMM kernel (`_rowwise_gemm_kernel` or `_tile_scaled_gemm_kernel`) over A [M, K],
+    B [N, K] into `out` [M, N]: TMA descriptors where usable, grouped tile order, `flags` the kernel's own
+    constexprs."""
+    rows, depth = a.shape
+    columns = b.shape[0]
+    use_descriptors = config.descriptors and descriptors_usable(a, b, out)
+    if use_descriptors:
+        store_n = config.block_n // 2 if config.split_epilogue else config.block_n
+        operands = (
+            TensorDescriptor.from_tensor(a, [config.block_m, config.block_k]),
+            TensorDescriptor.from_tensor(b, [config.block_n, config.block_k]),
+            TensorDescriptor.from_tensor(out, [config.block_m, store_n]),
+        )
+    else:
+        operands = (a, b, out)
+    tiles = triton.cdiv(rows, config.block_m) * triton.cdiv(columns, config.block_n)
+    kernel[(_programs(a.device, tiles, config.programs_per_sm),)](
+        *operands,
+        a_scale,
+        b_scale,
+        bias if bias is not None else a_scale,
+        rows,
+        columns,
+        depth,
+        HAS_BIAS=bias is not None,
+        DESCRIPTORS=use_descriptors,
+        EVEN_K=depth % config.block_k == 0,
+        BLOCK_M=config.block_m,
+        BLOCK_N=config.block_n,
+        BLOCK_K=config.block_k,
+        GROUP_M=config.group_m,
+        FLATTEN=config.flatten,
+        SPLIT_EPILOGUE=config.split_epilogue,
+        num_warps=config.num_warps,
+        num_stages=config.num_stages,
+        **flags,
+    )
+    return out
+
+
 def rowwise_matmul(
     a: torch.Tensor,
     a_scale: torch.Tensor,
@@ -559,41 +600,19 @@ def rowwise_matmul(
         return out
     if depth == 0:
         return out.copy_(rowwise_matmul_reference(a, a_scale, b, b_scale, bias, gelu))
-    use_descriptors = config.descriptors and descriptors_usable(a, b, out)
-    if use_descriptors:
-        store_n = config.block_n // 2 if config.split_epilogue else config.block_n
-        operands = (
-            TensorDescriptor.from_tensor(a, [config.block_m, config.block_k]),
-            TensorDescriptor.from_tensor(b, [config.block_n, config.block_k]),
-            TensorDescriptor.from_tensor(out, [config.block_m, store_n]),
-        )
-    else:
-        operands = (a, b, out)
-    tiles = triton.cdiv(rows, config.block_m) * triton.cdiv(columns, config.block_n)
-    _rowwise_gemm_kernel[(_programs(a.device, tiles, config.programs_per_sm),)](
-        *operands,
+    return _launch_persistent(
+        _rowwise_gemm_kernel,
+        a,
+        b,
+        out,
         a_scale,
         b_scale,
-        bias if bias is not None else a_scale,
-        rows,
-        columns,
-        depth,
-        HAS_BIAS=bias is not None,
+        bias,
+        config,
         GELU=gelu,
         INTEGER=a.dtype == torch.int8,
-        DESCRIPTORS=use_descriptors,
-        EVEN_K=depth % config.block_k == 0,
-        BLOCK_M=config.block_m,
-        BLOCK_N=config.block_n,
-        BLOCK_K=config.block_k,
-        GROUP_M=config.group_m,
-        FLATTEN=config.flatten,
-        SPLIT_EPILOGUE=config.split_epilogue,
         SOFTWARE_BF16=interpreting(),
-        num_warps=config.num_warps,
-        num_stages=config.num_stages,
     )
-    return out
 
 
 def _check_tile_operands(a8, a_scale, w8, w_scale, bias, out_dtype) -> None:
@@ -645,40 +664,18 @@ def tile_scaled_matmul(
     out = torch.empty(rows, columns, dtype=out_dtype, device=a8.device)
     if rows == 0 or columns == 0 or depth == 0:
         return out.zero_() if bias is None else out.copy_(bias.to(out_dtype).expand(rows, columns))
-    use_descriptors = config.descriptors and descriptors_usable(a8, w8, out)
-    if use_descriptors:
-        store_n = config.block_n // 2 if config.split_epilogue else config.block_n
-        operands = (
-            TensorDescriptor.from_tensor(a8, [config.block_m, TILE]),
-            TensorDescriptor.from_tensor(w8, [config.block_n, TILE]),
-            TensorDescriptor.from_tensor(out, [config.block_m, store_n]),
-        )
-    else:
-        operands = (a8, w8, out)
-    tiles = triton.cdiv(rows, config.block_m) * triton.cdiv(columns, config.block_n)
-    _tile_scaled_gemm_kernel[(_programs(a8.device, tiles, config.programs_per_sm),)](
-        *operands,
+    return _launch_persistent(
+        _tile_scaled_gemm_kernel,
+        a8,
+        w8,
+        out,
         a_scale,
         w_scale,
-        bias if bias is not None else a_scale,
-        rows,
-        columns,
-        depth,
-        HAS_BIAS=bias is not None,
+        bias,
+        config,
         OUT_DTYPE=TILE_SCALED_OUT_DTYPES[out_dtype],
-        DESCRIPTORS=use_descriptors,
-        EVEN_K=depth % TILE == 0,
-        BLOCK_M=config.block_m,
-        BLOCK_N=config.block_n,
-        BLOCK_K=TILE,
-        GROUP_M=config.group_m,
-        FLATTEN=config.flatten,
-        SPLIT_EPILOGUE=config.split_epilogue,
         SOFTWARE_BF16=interpreting() and out_dtype == torch.bfloat16,
-        num_warps=config.num_warps,
-        num_stages=config.num_stages,
     )
-    return out
 
 
 def rowwise_linear(
