@@ -2,8 +2,8 @@
 # One lent-GPU call that re-measures what the open issues (5, 6, 8) still need, each part under its own time
 # limit so that one failure cannot take the others with it. Logs go to $OUT (the device tool brings them back).
 #
-#   bash bench/device_check.sh [parts]     parts: any of gpu-tests,steps,i2v,gemm,e2e,attention (default: all
-#                                           but attention); with carry [".whl", ".ref"] (.ref only for e2e)
+#   bash bench/device_check.sh [parts]     parts: any of gpu-tests,steps,i2v,gemm,sweep,e2e,attention
+#                                           (default: gpu-tests,steps,i2v,gemm,e2e); with carry [".whl", ".ref"] (.ref only for e2e)
 #
 # About 8-9 minutes on an H200 for the default parts. The wheels in .whl/ (bench/e2e_prepare.py) are installed
 # into /tmp/site first, as the device README describes.
@@ -37,6 +37,8 @@ run gpu-tests 120 env PYTHONPATH="/tmp/pkg:${PYTHONPATH:-}" python3 -m pytest -q
 run steps 170 python3 bench/memory.py --skip gemm,load --steps 3 --only "A14B 720p int8,1.3B 480p"
 run i2v 200 python3 bench/i2v_job.py
 run gemm 120 python3 bench/memory.py --skip load,steps,sweep
+# The persistent-GEMM launch sweeps (row-wise int8/fp8 and the exact -quant tiles variant): pick defaults.
+run sweep 240 python3 bench/memory.py --skip load,steps
 # Issue 8: loops against the reference at both sizes and the whole job through ComfyUI.
 run e2e 330 python3 bench/e2e.py --variants "1.3b=eager,graphs,int8rw,fp8;14b=eager,graphs,fp8" \
     --json "$OUT/e2e.json" --workdir /tmp/e2e
