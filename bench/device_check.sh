@@ -5,7 +5,8 @@
 #   bash bench/device_check.sh [parts]     parts: any of gpu-tests,steps,i2v,gemm,sweep,e2e,attention
 #                                           (default: gpu-tests,steps,i2v,gemm,e2e); with carry [".whl", ".ref"] (.ref only for e2e)
 #
-# About 8-9 minutes on an H200 for the default parts. The wheels in .whl/ (bench/e2e_prepare.py) are installed
+# About 9 minutes on an H200 for the default parts, near the 10-minute limit of one call: safer as two calls,
+# `gpu-tests,steps,i2v` then `gemm,e2e`. The wheels in .whl/ (bench/e2e_prepare.py) are installed
 # into /tmp/site first, as the device README describes.
 set -u
 OUT=${OUT:-/tmp/device_check}
