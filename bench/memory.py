@@ -60,6 +60,7 @@ from comfyui_turbodiffusion.wan_models.block_swap import (  # noqa: E402
 )
 from comfyui_turbodiffusion.wan_models.config import WanDiTConfig  # noqa: E402
 from comfyui_turbodiffusion.wan_models.dit import WanDiT  # noqa: E402
+from comfyui_turbodiffusion.wan_models.linear_kernels import quantize_fp8_activations  # noqa: E402
 from comfyui_turbodiffusion.wan_models.quantize import (  # noqa: E402
     convert_linear_weights_,
     quantize_model_linears_,
@@ -166,7 +167,7 @@ def gemm_table(
     int8_linear, int8_matmul, quantize_x = _int8_paths(cuda)
     tile_persistent = _tile_persistent_linear(device)
     use_scaled_mm = cuda and torch.cuda.get_device_capability(device) >= fp8.SCALED_MM_MIN_CAPABILITY
-    fp8_quantize = _fp8_quantizer(use_scaled_mm)
+    fp8_quantize = quantize_fp8_activations  # the quantiser the model's fp8 linears use on this device
     rowwise_linear, rowwise_matmul, quantize_rows_int8 = _rowwise_paths(device)
     fp8_rowwise = rowwise_matmul if _rowwise_runs(device, fp8.E4M3) else rowwise.rowwise_matmul_reference
     rows = []
@@ -265,15 +266,6 @@ def _rowwise_paths(device: torch.device):
         return rowwise.rowwise_matmul_reference(*rowwise.quantize_rows_int8(x), codes, scale)
 
     return reference_linear, rowwise.rowwise_matmul_reference, rowwise.quantize_rows_int8
-
-
-def _fp8_quantizer(use_scaled_mm: bool):
-    """The activation quantiser the model's fp8 linears use: Triton's on FP8 GPUs, else PyTorch's."""
-    if use_scaled_mm:
-        from comfyui_turbodiffusion.turbo_kernels.fp8_quant import quantize_rows_e4m3_triton
-
-        return quantize_rows_e4m3_triton
-    return fp8.quantize_rows_e4m3
 
 
 def _fp8_matmul(a, b, c, s, use_scaled_mm: bool) -> torch.Tensor:
