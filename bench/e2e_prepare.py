@@ -48,6 +48,8 @@ COMFYUI_SKIPPED_TOP += ("custom_nodes", "script_examples", ".git", ".github")
 COMFYUI_SKIPPED_TOKENIZERS = ("comfy/text_encoders", "comfy")
 # Python 3.12 wheels for the GPU image; versions as in this checkout's .venv where it has them.
 WHEELS = ("av==18.1.0", "ftfy==6.3.1", "wcwidth==0.2.13", "torchsde==0.2.6", "trampoline==0.1.2")
+# The GPU tests drive ComfyUI through tools/comfy_host.py, which needs websocket-client.
+WHEELS += ("websocket-client==1.9.2",)
 CARRY = (".ref", ".whl")
 CARRY_LIMIT = 64 * 2**20
 

@@ -47,6 +47,7 @@ from _environment import environment_line
 alias_checkout_as_package()
 
 from comfyui_turbodiffusion.turbo_kernels import fp8_linear as fp8  # noqa: E402
+from comfyui_turbodiffusion.turbo_kernels import int8_gemm  # noqa: E402
 from comfyui_turbodiffusion.turbo_kernels import rowwise_gemm as rowwise  # noqa: E402
 from comfyui_turbodiffusion.turbo_kernels import w8a8_reference as int8_reference  # noqa: E402
 from comfyui_turbodiffusion.wan_models.attention import make_self_attention, sdpa_attention  # noqa: E402
@@ -78,8 +79,19 @@ GEMM_LAYERS = (
     ("14B ffn.0", 5120, 13824),
     ("14B ffn.2", 13824, 5120),
 )
-# (block_m, block_n, warps, stages); tiles must divide 128. The first is the default config.
-INT8_SWEEP = ((128, 128, 8, 3), (128, 128, 8, 4), (128, 64, 4, 4), (64, 128, 4, 4), (64, 64, 4, 4))
+# int8_gemm.GemmConfig launches; tiles must divide 128. The first is the default config; bit_convert: the
+# K blocks' int32 sums converted by bit manipulation instead of the quarter-rate I2F instruction.
+_G = int8_gemm.GemmConfig
+INT8_SWEEP = (
+    _G(),
+    _G(bit_convert=True),
+    _G(num_stages=4),
+    _G(num_stages=4, bit_convert=True),
+    _G(block_n=64, num_warps=4, num_stages=4),
+    _G(block_m=64, num_warps=4, num_stages=4),
+    _G(block_m=64, num_warps=4, num_stages=4, bit_convert=True),
+    _G(block_m=64, block_n=64, num_warps=4, num_stages=4),
+)
 TARGET_SPEEDUP = 1.6
 # Shapes (M, K, N) and configs of the row-wise GEMM sweep (turbo_kernels/rowwise_gemm.py). All Hopper-style
 # (TMA descriptors, persistent); "x2" rows run two programs per SM, which only fit with 4 warps.
@@ -104,13 +116,14 @@ ROWWISE_SWEEP = (
 # `tile_scaled_matmul` (the -quant format on the persistent kernel): K steps of 128 = the scale tile. Two
 # 4-warp programs per SM (the 128-row one spills a little, the 64-row one does not) against one 8-warp
 # program.
-TILE_SWEEP = (
+_TILE_LAUNCHES = (
     _RW(block_n=128, num_warps=4, num_stages=3, programs_per_sm=2),
     _RW(block_m=64, block_n=128, num_warps=4, num_stages=3, programs_per_sm=2),
     _RW(block_m=64, block_n=128, num_warps=4, num_stages=4, programs_per_sm=2),
     _RW(block_n=128, num_warps=8, num_stages=3),
     _RW(block_n=128, num_warps=8, num_stages=4),
 )
+TILE_SWEEP = _TILE_LAUNCHES + tuple(replace(config, bit_convert=True) for config in _TILE_LAUNCHES)
 
 
 @dataclass(frozen=True)
@@ -283,19 +296,18 @@ def int8_sweep(device: torch.device, clock: Clock) -> None:
     x_codes, x_scale = int8_gemm.quantize_tiles_triton(x)
     bf16 = clock(lambda: torch.matmul(x, x[:n].T))
     rows = []
-    for block_m, block_n, warps, stages in INT8_SWEEP:
-        config = int8_gemm.GemmConfig(block_m=block_m, block_n=block_n, num_warps=warps, num_stages=stages)
+    for config in INT8_SWEEP:
+        label = f"{config.block_m}x{config.block_n} w{config.num_warps} s{config.num_stages}"
+        label += " bit_convert" if config.bit_convert else ""
         try:
             ms = clock(
                 lambda c=config: int8_gemm.w8a8_matmul_triton(
                     x_codes, x_scale, codes, scale, None, torch.bfloat16, c
                 )
             )
-            rows.append([f"{block_m}x{block_n} w{warps} s{stages}", f"{ms:.3f}", f"x{bf16 / ms:.2f}"])
+            rows.append([label, f"{ms:.3f}", f"x{bf16 / ms:.2f}"])
         except Exception as error:  # e.g. out of shared memory on smaller GPUs
-            rows.append(
-                [f"{block_m}x{block_n} w{warps} s{stages}", "failed", str(error).splitlines()[0][:60]]
-            )
+            rows.append([label, "failed", str(error).splitlines()[0][:60]])
     say(f"int8 GEMM tile configs at M={m}, K=N={k} (bf16 torch.matmul {bf16:.3f} ms; default = first row)")
     table(["config", "ms", "vs bf16"], rows)
 

@@ -15,6 +15,7 @@ from triton.compiler import ASTSource
 
 FLAGS = (
     "HAS_BIAS",
+    "BIT_CONVERT",
     "OUT_DTYPE",
     "DESCRIPTORS",
     "EVEN_K",
@@ -27,11 +28,12 @@ FLAGS = (
     "SOFTWARE_BF16",
 )
 DEFAULT = rowwise_gemm.TILE_SCALED_CONFIGS["hopper"]
-# Launches to compile: the Hopper default and two of the bench sweep's candidates.
+# Launches to compile: the Hopper default and three of the bench sweep's candidates.
 CONFIGS = {
     "default": DEFAULT,
     "w8": replace(DEFAULT, num_warps=8, programs_per_sm=1),
     "m64": replace(DEFAULT, block_m=64),
+    "w8-bits": replace(DEFAULT, num_warps=8, programs_per_sm=1, bit_convert=True),
 }
 
 
@@ -48,6 +50,7 @@ def report(config: rowwise_gemm.RowwiseGemmConfig, with_bias: bool) -> dict:
     }
     constexprs = {
         "HAS_BIAS": with_bias,
+        "BIT_CONVERT": config.bit_convert,
         "OUT_DTYPE": rowwise_gemm.TILE_SCALED_OUT_DTYPES[rowwise_gemm.torch.bfloat16],
         "DESCRIPTORS": True,
         "EVEN_K": True,
@@ -72,6 +75,7 @@ def report(config: rowwise_gemm.RowwiseGemmConfig, with_bias: bool) -> dict:
         "config": config.label(),
         "igmma": bool(re.search(r"wgmma\.mma_async\S*\.s32\.s8\.s8", ptx)),
         "tma": "cp.async.bulk.tensor" in ptx,
+        "int_to_float_conversions": len(re.findall(r"cvt\.rn\.f32\.s32", ptx)),
         "shared_bytes": kernel.metadata.shared,
         **ptxas_usage(ptx, 90),
     }

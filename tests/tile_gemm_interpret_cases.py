@@ -115,3 +115,36 @@ def test_refusals(kernels):
         kernels.tile_scaled_matmul(x_codes, x_scale, w_codes.float(), w_scale, None, torch.bfloat16)
     with pytest.raises(ValueError, match="out_dtype"):
         kernels.tile_scaled_matmul(x_codes, x_scale, w_codes, w_scale, None, torch.int32)
+
+
+def _extreme_codes(rows: int, depth: int, seed: int) -> torch.Tensor:
+    """int8 codes whose 128-wide dot products reach the int32 extremes ±2^21 (−128 · −128 · 128)."""
+    g = torch.Generator().manual_seed(seed)
+    codes = torch.randint(-128, 128, (rows, depth), generator=g, dtype=torch.int16)
+    codes[:3] = -128
+    codes[3] = 127
+    return codes.to(torch.int8)
+
+
+@pytest.mark.parametrize("kernel", ["persistent", "tiled"])
+def test_bit_convert_equals_the_conversion_instruction(kernels, int8_gemm, kernel):
+    """`int32_to_float_exact` gives the same float32 as I2F for every K block, so both launches agree bit
+    for bit, also where the block sums reach ±2^21."""
+    rows, columns, depth = 140, 136, 384
+    a = _extreme_codes(rows, depth, seed=1)
+    w = _extreme_codes(columns, depth, seed=2)
+    g = torch.Generator().manual_seed(3)
+    a_scale = torch.rand(w8a8_reference.tile_grid(rows, depth), generator=g) + 0.5
+    w_scale = torch.rand(w8a8_reference.tile_grid(columns, depth), generator=g) + 0.5
+    outputs = []
+    for bit_convert in (False, True):
+        if kernel == "persistent":
+            config = kernels.RowwiseGemmConfig(block_n=128, bit_convert=bit_convert)
+            outputs.append(kernels.tile_scaled_matmul(a, a_scale, w, w_scale, None, torch.float32, config))
+        else:
+            config = int8_gemm.GemmConfig(bit_convert=bit_convert)
+            outputs.append(int8_gemm.w8a8_matmul_triton(a, a_scale, w, w_scale, None, torch.float32, config))
+    assert torch.equal(outputs[0], outputs[1])
+    assert outputs[1].abs().max() > 2**21  # the extremes were reached
+    expected = w8a8_reference.w8a8_matmul(a, a_scale, w, w_scale, torch.float32)
+    torch.testing.assert_close(outputs[1], expected, rtol=1e-6, atol=1e-3)

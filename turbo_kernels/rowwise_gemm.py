@@ -65,7 +65,7 @@ import triton.language as tl
 
 from .fp8_linear import E4M3
 from .fp8_quant import quantize_rows_e4m3_triton
-from .int8_gemm import _cast
+from .int8_gemm import _cast, int32_to_float_exact
 from .interpreter import interpreting
 from .row_quant import quantize_rows
 from .row_quant_reference import AMAX_FLOOR, quantize_rows_reference
@@ -108,9 +108,11 @@ class RowwiseGemmConfig:
     flatten: bool = True
     split_epilogue: bool = True
     programs_per_sm: int = 1
+    bit_convert: bool = False
 
     def label(self) -> str:
-        flags = [name for name in ("descriptors", "flatten", "split_epilogue") if getattr(self, name)]
+        names = ("descriptors", "flatten", "split_epilogue", "bit_convert")
+        flags = [name for name in names if getattr(self, name)]
         return (
             f"{self.block_m}x{self.block_n}x{self.block_k} w{self.num_warps} s{self.num_stages} "
             f"g{self.group_m} x{self.programs_per_sm} {'+'.join(flags) or 'pointers'}"
@@ -282,6 +284,7 @@ def _persistent_gemm(
     GELU: tl.constexpr,
     INTEGER: tl.constexpr,
     TILE_SCALES: tl.constexpr,
+    BIT_CONVERT: tl.constexpr,
     OUT_DTYPE: tl.constexpr,
     DESCRIPTORS: tl.constexpr,
     EVEN_K: tl.constexpr,
@@ -328,7 +331,7 @@ def _persistent_gemm(
             if TILE_SCALES:
                 partial = tl.dot(a_tile, b_tile.T, out_dtype=tl.int32)  # exact: |Σ| <= 2^21
                 scale = tl.load(a_scale_row + step) * tl.load(b_scale_row + step)
-                acc += partial.to(tl.float32) * scale
+                acc += (int32_to_float_exact(partial) if BIT_CONVERT else partial.to(tl.float32)) * scale
             else:
                 # Triton 3.6 needs the explicit out_dtype for int32.
                 acc = tl.dot(a_tile, b_tile.T, acc, out_dtype=acc.dtype)
@@ -392,6 +395,7 @@ def _rowwise_gemm_kernel(
         GELU,
         INTEGER,
         False,
+        False,
         tl.bfloat16,
         DESCRIPTORS,
         EVEN_K,
@@ -417,6 +421,7 @@ def _tile_scaled_gemm_kernel(
     N,
     K,
     HAS_BIAS: tl.constexpr,
+    BIT_CONVERT: tl.constexpr,
     OUT_DTYPE: tl.constexpr,
     DESCRIPTORS: tl.constexpr,
     EVEN_K: tl.constexpr,
@@ -443,6 +448,7 @@ def _tile_scaled_gemm_kernel(
         False,
         True,
         True,
+        BIT_CONVERT,
         OUT_DTYPE,
         DESCRIPTORS,
         EVEN_K,
@@ -673,6 +679,7 @@ def tile_scaled_matmul(
         w_scale,
         bias,
         config,
+        BIT_CONVERT=config.bit_convert,
         OUT_DTYPE=TILE_SCALED_OUT_DTYPES[out_dtype],
         SOFTWARE_BF16=interpreting() and out_dtype == torch.bfloat16,
     )
