@@ -9,6 +9,7 @@ reference module. Outputs are pre-filled with NaN to prove every element is writ
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -30,6 +31,7 @@ from comfyui_turbodiffusion.turbo_kernels.sla_triton import (  # noqa: E402
     sla_attention_triton,
 )
 from comfyui_turbodiffusion.turbo_kernels.sparse_attention import (  # noqa: E402
+    GENERIC_CONFIG,
     bf16_sparse_attention,
     quantised_attention,
 )
@@ -123,7 +125,22 @@ def attention_cases(out: dict) -> None:
             emulated = R.tokens_first(R.sage_sparse_attention(qh, kh, vh, lut, counts, recipe), 1)
             full = sagesla_attention_triton(q, k, v, proj, 0.3, recipe)
             linear = F.linear_branch(q, k, v, proj.weight, proj.bias)
+            row_sums = torch.full_like(q, float("nan"))
+            quantised_attention(
+                prep,
+                v,
+                row_sums,
+                recipe.blkq,
+                recipe.blkk,
+                lut=lut,
+                counts=counts,
+                use_desc=False,
+                config=dataclasses.replace(GENERIC_CONFIG, row_sum_mma=True),
+            )
             results[name] = {
+                "row_sum_mma_unwritten": unwritten(row_sums),
+                "row_sum_mma_rel_l2": F.rel_l2(row_sums, exact),
+                "row_sum_mma_rel_l2_vs_emulation": F.rel_l2(row_sums, emulated),
                 "unwritten": unwritten(sparse),
                 "rel_l2": F.rel_l2(sparse, exact),
                 "cos": F.cosine(sparse, exact),

@@ -53,6 +53,10 @@ def test_quantised_sparse_attention_within_kernel_tolerances(measured, kind):
         assert case["rel_l2_vs_emulation"] < 0.01, case  # same quantisation as the PyTorch emulation
         assert case["descriptor_equals_pointer"], "TMA-descriptor and pointer loads must agree bitwise"
         assert case["full_rel_l2"] <= rel_bound, case
+        # Row sums from the tensor cores (P̃ · ones; ignored by the FP16 P·V path): same bounds.
+        assert case["row_sum_mma_unwritten"] == 0
+        assert case["row_sum_mma_rel_l2"] <= rel_bound, case
+        assert case["row_sum_mma_rel_l2_vs_emulation"] < 0.01, case
 
 
 @pytest.mark.parametrize("kind", ["random", "dit"])

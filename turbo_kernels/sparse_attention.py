@@ -55,15 +55,121 @@ PV_FP8 = tl.constexpr(2)
 
 @dataclass(frozen=True)
 class KernelConfig:
+    """Launch of the attention kernel. `row_sum_mma` (FP8 P·V only): the softmax row sums come from the
+    tensor cores, as P̃ times a ones matrix in the same FP8 (so the weights the output averages with sum to
+    exactly one), instead of a 64-add reduction per row and step on the CUDA cores."""
+
     block_m: int
     num_warps: int
     num_stages: int
+    row_sum_mma: bool = False
 
 
 # Hopper: one warpgroup on a 64-row tile, 2 stages (KERNELS.md §0, §2.4: 713 TOPS dense on H100).
 HOPPER_CONFIG = KernelConfig(block_m=64, num_warps=4, num_stages=2)
 # Everything else: 128-row tiles, 8 warps, 3 stages (SageAttention v1 / TurboDiffusion's SLA kernel).
 GENERIC_CONFIG = KernelConfig(block_m=128, num_warps=8, num_stages=3)
+
+
+@triton.jit
+def _attend_key_block(
+    i,
+    m_i,
+    l_i,
+    acc,
+    q,
+    q_scale,
+    offset,
+    qk_scale,
+    k_src,
+    v_src,
+    k_scale_ptr,
+    lut_ptr,
+    lut_row,
+    k_max,
+    n,
+    n64,
+    k_base,
+    v_base,
+    L,
+    V_PAD,
+    num_k_blocks,
+    s_kl,
+    s_vl,
+    cols,
+    dims,
+    ones,
+    D: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    QUANT: tl.constexpr,
+    PV: tl.constexpr,
+    DENSE: tl.constexpr,
+    USE_DESC: tl.constexpr,
+    INTERPRET: tl.constexpr,
+    ROW_SUM_MMA: tl.constexpr,
+    MASK_TAIL: tl.constexpr,
+):
+    """One step of the online softmax over the i-th key block of the LUT row (or key block i when DENSE):
+    returns the updated (row max, row sum, accumulator). MASK_TAIL: the block may reach past L."""
+    if DENSE:
+        kb = i
+    else:
+        kb = tl.load(lut_ptr + lut_row * k_max + i)
+    start = kb * BLOCK_N
+    keys = start + cols
+    if USE_DESC:
+        k = k_src.load([n, start, 0]).reshape(BLOCK_N, D)
+    else:
+        k = tl.load(
+            k_src + k_base + keys[:, None].to(tl.int64) * s_kl + dims[None, :],
+            mask=keys[:, None] < L,
+            other=0.0,
+        )
+    # Logits in the exp2 domain are s·scale; the scale (> 0) is applied inside the exponent's
+    # multiply-add, p = 2^(s·scale + (offset − m)), and to the row maximum of the raw s: one FFMA per
+    # element instead of a multiply and two adds (the loop is instruction-issue-bound on Hopper).
+    if QUANT:
+        s = tl.dot(q, tl.trans(k)).to(tl.float32)
+        scale = q_scale * tl.load(k_scale_ptr + n64 * num_k_blocks + kb)
+    else:
+        if INTERPRET:
+            k = k.to(tl.float32)
+        s = tl.dot(q, tl.trans(k))
+        scale = qk_scale
+    if MASK_TAIL:  # noqa: SIM102 (a constexpr test: the masked code exists only in the tail step)
+        if start + BLOCK_N > L:
+            s = tl.where(keys[None, :] < L, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, axis=1) * scale)
+    alpha = tl.math.exp2(m_i - m_new)
+    p = tl.math.exp2(s * scale + (offset - m_new)[:, None])
+    if PV == PV_FP8:
+        if USE_DESC:
+            vt = v_src.load([n, 0, start]).reshape(D, BLOCK_N)
+        else:
+            vt = tl.load(v_src + (n64 * D + dims[:, None]) * V_PAD + keys[None, :])
+        p8 = to_e4m3(p, INTERPRET)
+        if ROW_SUM_MMA:
+            # ones: [BLOCK_N, 16] with a single column of ones; the other columns add zeros.
+            l_i = l_i * alpha + tl.sum(tl.dot(p8, ones), axis=1)
+        else:
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+        # Rescale and add the block's fresh FP8 product in one multiply-add.
+        acc = acc * alpha[:, None] + tl.dot(p8, tl.trans(vt))
+    else:
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None]
+        v = tl.load(
+            v_src + v_base + keys[:, None].to(tl.int64) * s_vl + dims[None, :],
+            mask=keys[:, None] < L,
+            other=0.0,
+        )
+        if PV == PV_FP16:
+            acc = tl.dot(p.to(tl.float16), v.to(tl.float16), acc)
+        elif INTERPRET:
+            acc = tl.dot(p, v.to(tl.float32), acc)
+        else:
+            acc = tl.dot(p.to(v.dtype), v, acc)
+    return m_new, l_i, acc
 
 
 @triton.jit
@@ -106,6 +212,7 @@ def _sparse_attention_kernel(
     ACCUMULATE: tl.constexpr,
     USE_DESC: tl.constexpr,
     INTERPRET: tl.constexpr,
+    ROW_SUM_MMA: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     n = tl.program_id(1)
@@ -128,6 +235,7 @@ def _sparse_attention_kernel(
             mask=rows[:, None] < L,
             other=0.0,
         )
+    q_scale = 1.0
     if QUANT:
         q_scale = tl.load(q_scale_ptr + n64 * num_q_blocks + q_block)
     elif INTERPRET:
@@ -145,55 +253,89 @@ def _sparse_attention_kernel(
         steps = num_k_blocks
     else:
         steps = tl.load(count_ptr + lut_row)
-    for i in range(steps):
-        if DENSE:
-            kb = i
-        else:
-            kb = tl.load(lut_ptr + lut_row * k_max + i)
-        start = kb * BLOCK_N
-        keys = start + cols
-        if USE_DESC:
-            k = k_src.load([n, start, 0]).reshape(BLOCK_N, D)
-        else:
-            k = tl.load(
-                k_src + k_base + keys[:, None].to(tl.int64) * s_kl + dims[None, :],
-                mask=keys[:, None] < L,
-                other=0.0,
-            )
-        if QUANT:
-            s = tl.dot(q, tl.trans(k)).to(tl.float32) * (
-                q_scale * tl.load(k_scale_ptr + n64 * num_k_blocks + kb)
-            )
-        else:
-            if INTERPRET:
-                k = k.to(tl.float32)
-            s = tl.dot(q, tl.trans(k)) * qk_scale
-        if start + BLOCK_N > L:
-            s = tl.where(keys[None, :] < L, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        alpha = tl.math.exp2(m_i - m_new)
-        p = tl.math.exp2(s - m_new[:, None] + offset)
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None]
-        if PV == PV_FP8:
-            if USE_DESC:
-                vt = v_src.load([n, 0, start]).reshape(D, BLOCK_N)
-            else:
-                vt = tl.load(v_src + (n64 * D + dims[:, None]) * V_PAD + keys[None, :])
-            acc += tl.dot(to_e4m3(p, INTERPRET), tl.trans(vt))
-        else:
-            v = tl.load(
-                v_src + v_base + keys[:, None].to(tl.int64) * s_vl + dims[None, :],
-                mask=keys[:, None] < L,
-                other=0.0,
-            )
-            if PV == PV_FP16:
-                acc = tl.dot(p.to(tl.float16), v.to(tl.float16), acc)
-            elif INTERPRET:
-                acc = tl.dot(p, v.to(tl.float32), acc)
-            else:
-                acc = tl.dot(p.to(v.dtype), v, acc)
-        m_i = m_new
+    ones = None
+    if ROW_SUM_MMA:
+        ones = tl.where(tl.arange(0, 16)[None, :] == 0, 1.0, 0.0) + tl.zeros([BLOCK_N, 16], tl.float32)
+        ones = to_e4m3(ones, INTERPRET)
+    # The LUT is ascending, so the ragged last key block can only come last: the loop runs the other
+    # blocks without the tail mask (a select per element per step, always executed once if-converted).
+    unmasked = tl.where((L % BLOCK_N != 0) & (steps > 0), steps - 1, steps)
+    for i in range(unmasked):
+        m_i, l_i, acc = _attend_key_block(
+            i,
+            m_i,
+            l_i,
+            acc,
+            q,
+            q_scale,
+            offset,
+            qk_scale,
+            k_src,
+            v_src,
+            k_scale_ptr,
+            lut_ptr,
+            lut_row,
+            k_max,
+            n,
+            n64,
+            k_base,
+            v_base,
+            L,
+            V_PAD,
+            num_k_blocks,
+            s_kl,
+            s_vl,
+            cols,
+            dims,
+            ones,
+            D,
+            BLOCK_N,
+            QUANT,
+            PV,
+            DENSE,
+            USE_DESC,
+            INTERPRET,
+            ROW_SUM_MMA,
+            False,
+        )
+    if unmasked < steps:
+        m_i, l_i, acc = _attend_key_block(
+            steps - 1,
+            m_i,
+            l_i,
+            acc,
+            q,
+            q_scale,
+            offset,
+            qk_scale,
+            k_src,
+            v_src,
+            k_scale_ptr,
+            lut_ptr,
+            lut_row,
+            k_max,
+            n,
+            n64,
+            k_base,
+            v_base,
+            L,
+            V_PAD,
+            num_k_blocks,
+            s_kl,
+            s_vl,
+            cols,
+            dims,
+            ones,
+            D,
+            BLOCK_N,
+            QUANT,
+            PV,
+            DENSE,
+            USE_DESC,
+            INTERPRET,
+            ROW_SUM_MMA,
+            True,
+        )
 
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     if PV == PV_FP8:
@@ -289,6 +431,7 @@ def _launch(
         ACCUMULATE=accumulate,
         USE_DESC=use_desc,
         INTERPRET=interpreting(),
+        ROW_SUM_MMA=config.row_sum_mma and pv == PV_FP8,
         num_warps=config.num_warps,
         num_stages=config.num_stages,
     )
