@@ -1,10 +1,11 @@
 """Side-by-side timing of the SageSLA attention kernel against its version at an earlier commit (issue 5).
 
-Run from the repository root on a CUDA GPU (the checkout must have its git history):
+Run from the repository root on a CUDA GPU:
 
-    python bench/attention_ab.py --baseline COMMIT [--shapes 1.3b-480p,14b-720p] [--topk 0.1]
+    python bench/attention_ab.py --baseline COMMIT|FILE [--shapes 1.3b-480p,14b-720p] [--topk 0.1]
 
-The baseline's `turbo_kernels/sparse_attention.py` is read with `git show COMMIT:...` into a temporary file
+The baseline's `turbo_kernels/sparse_attention.py` is read with `git show COMMIT:...` (or from FILE, e.g.
+written beforehand into the git-ignored .ref/ for a device copy without the history) into a temporary file
 and imported beside the current one (same package, so it uses today's pre-pass and selection). For each
 shape: DiT-like bf16 q, k, v, one pre-pass and LUT shared by every variant; the sparse kernel (with the
 accumulate epilogue, as the complete op runs it) of the baseline, of the current code and of the current
@@ -46,11 +47,14 @@ KERNEL_FILE = "turbo_kernels/sparse_attention.py"
 ROUNDS = 3
 
 
-def load_baseline(commit: str, folder: Path):
-    """The attention kernel module as it was at `commit`, imported from a temporary file."""
-    source = subprocess.run(
-        ["git", "show", f"{commit}:{KERNEL_FILE}"], cwd=ROOT, capture_output=True, text=True, check=True
-    ).stdout
+def load_baseline(baseline: str, folder: Path):
+    """The attention kernel module as it was at commit `baseline` (or as in the file `baseline`, for a
+    checkout without that history), imported from a temporary file."""
+    if Path(baseline).is_file():
+        source = Path(baseline).read_text()
+    else:
+        command = ["git", "show", f"{baseline}:{KERNEL_FILE}"]
+        source = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, check=True).stdout
     path = folder / "sparse_attention_baseline.py"
     path.write_text(source)
     name = f"{current.__package__}.sparse_attention_baseline"
@@ -163,7 +167,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--baseline", required=True, help="commit whose sparse_attention.py is the baseline")
+    parser.add_argument(
+        "--baseline", required=True, help="commit whose sparse_attention.py is the baseline, or that file"
+    )
     parser.add_argument("--shapes", default=",".join(SHAPES))
     parser.add_argument("--topk", default="0.1")
     args = parser.parse_args()
