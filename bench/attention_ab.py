@@ -74,7 +74,42 @@ def optional_flags() -> list[str]:
     return [f.name for f in dataclasses.fields(current.KernelConfig) if f.type in (bool, "bool")]
 
 
-def run_shape(shape: str, topk: float, baseline, recipe: R.SageRecipe) -> None:
+DEFAULT_COMBINATIONS = (
+    "fold_scale+peel_tail",
+    "fold_scale",
+    "peel_tail",
+    "row_sum_mma",
+    "fold_scale+row_sum_mma",
+    "fold_scale+peel_tail+row_sum_mma",
+)
+
+
+def config_with(base, combination: str):
+    """`base` with exactly the optional flags named in `combination` ("a+b", or "none") set."""
+    named = set() if combination == "none" else set(combination.split("+"))
+    unknown = named - set(optional_flags())
+    if unknown:
+        raise SystemExit(f"unknown KernelConfig flags {sorted(unknown)}; known: {optional_flags()}")
+    return dataclasses.replace(base, **{flag: flag in named for flag in optional_flags()})
+
+
+def compiled_kernels(kernel) -> dict:
+    """{cache key: compiled kernel} of a JIT function on every device (Triton internals; best effort)."""
+    found = {}
+    for caches in getattr(kernel, "device_caches", {}).values():
+        cache = caches[0] if isinstance(caches, tuple) else caches
+        found.update(cache)
+    return found
+
+
+def resources(compiled) -> str:
+    regs = getattr(compiled, "n_regs", "?")
+    spills = getattr(compiled, "n_spills", "?")
+    shared = getattr(getattr(compiled, "metadata", None), "shared", "?")
+    return f"{regs} regs, {spills} spills, {shared} B shared"
+
+
+def run_shape(shape: str, topk: float, baseline, recipe: R.SageRecipe, combinations: list[str]) -> None:
     heads, length = SHAPES[shape]
     q, k, v = dit_like_qkv(1, length, heads, 128, seed=3, device="cuda")  # as bench/attention.py
     proj = random_projection(128, seed=5, device="cuda")
@@ -103,18 +138,20 @@ def run_shape(shape: str, topk: float, baseline, recipe: R.SageRecipe) -> None:
         return call
 
     variants = {"baseline kernel": kernel(baseline, baseline.default_config(q.device))}
-    variants["current kernel"] = kernel(current, base_config)
-    for flag in optional_flags():
-        variants[f"current kernel + {flag}"] = kernel(
-            current, dataclasses.replace(base_config, **{flag: True})
-        )
+    for combination in combinations:
+        variants[f"current: {combination}"] = kernel(current, config_with(base_config, combination))
     copy_only = lambda: out.copy_(linear)  # noqa: E731  subtracted from every kernel time
 
     outputs = {}
     for name, fn in variants.items():
+        module = baseline if name == "baseline kernel" else current
+        known = set(compiled_kernels(module._sparse_attention_kernel))
         first = fn().clone()
         second = fn().clone()
         outputs[name] = (first, torch.equal(first, second))
+        new = [c for key, c in compiled_kernels(module._sparse_attention_kernel).items() if key not in known]
+        if new:
+            print(f"  compiled {name}: {resources(new[-1])}")
     times = {name: [] for name in [*variants, "copy of the output tile"]}
     for _ in range(ROUNDS):
         for name, fn in variants.items():
@@ -172,6 +209,11 @@ def main() -> None:
     )
     parser.add_argument("--shapes", default=",".join(SHAPES))
     parser.add_argument("--topk", default="0.1")
+    parser.add_argument(
+        "--configs",
+        default=",".join(DEFAULT_COMBINATIONS),
+        help="comma-separated KernelConfig flag combinations of the current kernel (a+b, or none)",
+    )
     args = parser.parse_args()
     print(environment_line(torch.device("cuda")))
     commit = subprocess.run(["git", "log", "-1", "--format=%h"], cwd=ROOT, capture_output=True, text=True)
@@ -182,7 +224,7 @@ def main() -> None:
         baseline = load_baseline(args.baseline, Path(folder))
         for shape in args.shapes.split(","):
             for topk in (float(t) for t in args.topk.split(",")):
-                run_shape(shape, topk, baseline, R.HOPPER_RECIPE)
+                run_shape(shape, topk, baseline, R.HOPPER_RECIPE, args.configs.split(","))
                 torch.cuda.empty_cache()
 
 

@@ -63,6 +63,8 @@ class KernelConfig:
     num_warps: int
     num_stages: int
     row_sum_mma: bool = False
+    fold_scale: bool = True
+    peel_tail: bool = True
 
 
 # Hopper: one warpgroup on a 64-row tile, 2 stages (KERNELS.md §0, §2.4: 713 TOPS dense on H100).
@@ -107,6 +109,7 @@ def _attend_key_block(
     USE_DESC: tl.constexpr,
     INTERPRET: tl.constexpr,
     ROW_SUM_MMA: tl.constexpr,
+    FOLD_SCALE: tl.constexpr,
     MASK_TAIL: tl.constexpr,
 ):
     """One step of the online softmax over the i-th key block of the LUT row (or key block i when DENSE):
@@ -139,9 +142,14 @@ def _attend_key_block(
     if MASK_TAIL:  # noqa: SIM102 (a constexpr test: the masked code exists only in the tail step)
         if start + BLOCK_N > L:
             s = tl.where(keys[None, :] < L, s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, axis=1) * scale)
+    if FOLD_SCALE:
+        m_new = tl.maximum(m_i, tl.max(s, axis=1) * scale)
+        p = tl.math.exp2(s * scale + (offset - m_new)[:, None])
+    else:
+        s = s * scale
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        p = tl.math.exp2(s - m_new[:, None] + offset)
     alpha = tl.math.exp2(m_i - m_new)
-    p = tl.math.exp2(s * scale + (offset - m_new)[:, None])
     if PV == PV_FP8:
         if USE_DESC:
             vt = v_src.load([n, 0, start]).reshape(D, BLOCK_N)
@@ -153,8 +161,11 @@ def _attend_key_block(
             l_i = l_i * alpha + tl.sum(tl.dot(p8, ones), axis=1)
         else:
             l_i = l_i * alpha + tl.sum(p, axis=1)
-        # Rescale and add the block's fresh FP8 product in one multiply-add.
-        acc = acc * alpha[:, None] + tl.dot(p8, tl.trans(vt))
+        if FOLD_SCALE:  # rescale and add the block's fresh FP8 product in one multiply-add
+            acc = acc * alpha[:, None] + tl.dot(p8, tl.trans(vt))
+        else:
+            acc = acc * alpha[:, None]
+            acc += tl.dot(p8, tl.trans(vt))
     else:
         l_i = l_i * alpha + tl.sum(p, axis=1)
         acc = acc * alpha[:, None]
@@ -213,6 +224,8 @@ def _sparse_attention_kernel(
     USE_DESC: tl.constexpr,
     INTERPRET: tl.constexpr,
     ROW_SUM_MMA: tl.constexpr,
+    FOLD_SCALE: tl.constexpr,
+    PEEL_TAIL: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     n = tl.program_id(1)
@@ -259,83 +272,126 @@ def _sparse_attention_kernel(
         ones = to_e4m3(ones, INTERPRET)
     # The LUT is ascending, so the ragged last key block can only come last: the loop runs the other
     # blocks without the tail mask (a select per element per step, always executed once if-converted).
-    unmasked = tl.where((L % BLOCK_N != 0) & (steps > 0), steps - 1, steps)
-    for i in range(unmasked):
-        m_i, l_i, acc = _attend_key_block(
-            i,
-            m_i,
-            l_i,
-            acc,
-            q,
-            q_scale,
-            offset,
-            qk_scale,
-            k_src,
-            v_src,
-            k_scale_ptr,
-            lut_ptr,
-            lut_row,
-            k_max,
-            n,
-            n64,
-            k_base,
-            v_base,
-            L,
-            V_PAD,
-            num_k_blocks,
-            s_kl,
-            s_vl,
-            cols,
-            dims,
-            ones,
-            D,
-            BLOCK_N,
-            QUANT,
-            PV,
-            DENSE,
-            USE_DESC,
-            INTERPRET,
-            ROW_SUM_MMA,
-            False,
-        )
-    if unmasked < steps:
-        m_i, l_i, acc = _attend_key_block(
-            steps - 1,
-            m_i,
-            l_i,
-            acc,
-            q,
-            q_scale,
-            offset,
-            qk_scale,
-            k_src,
-            v_src,
-            k_scale_ptr,
-            lut_ptr,
-            lut_row,
-            k_max,
-            n,
-            n64,
-            k_base,
-            v_base,
-            L,
-            V_PAD,
-            num_k_blocks,
-            s_kl,
-            s_vl,
-            cols,
-            dims,
-            ones,
-            D,
-            BLOCK_N,
-            QUANT,
-            PV,
-            DENSE,
-            USE_DESC,
-            INTERPRET,
-            ROW_SUM_MMA,
-            True,
-        )
+    if PEEL_TAIL:
+        unmasked = tl.where((L % BLOCK_N != 0) & (steps > 0), steps - 1, steps)
+        for i in range(unmasked):
+            m_i, l_i, acc = _attend_key_block(
+                i,
+                m_i,
+                l_i,
+                acc,
+                q,
+                q_scale,
+                offset,
+                qk_scale,
+                k_src,
+                v_src,
+                k_scale_ptr,
+                lut_ptr,
+                lut_row,
+                k_max,
+                n,
+                n64,
+                k_base,
+                v_base,
+                L,
+                V_PAD,
+                num_k_blocks,
+                s_kl,
+                s_vl,
+                cols,
+                dims,
+                ones,
+                D,
+                BLOCK_N,
+                QUANT,
+                PV,
+                DENSE,
+                USE_DESC,
+                INTERPRET,
+                ROW_SUM_MMA,
+                FOLD_SCALE,
+                False,
+            )
+        if unmasked < steps:
+            m_i, l_i, acc = _attend_key_block(
+                steps - 1,
+                m_i,
+                l_i,
+                acc,
+                q,
+                q_scale,
+                offset,
+                qk_scale,
+                k_src,
+                v_src,
+                k_scale_ptr,
+                lut_ptr,
+                lut_row,
+                k_max,
+                n,
+                n64,
+                k_base,
+                v_base,
+                L,
+                V_PAD,
+                num_k_blocks,
+                s_kl,
+                s_vl,
+                cols,
+                dims,
+                ones,
+                D,
+                BLOCK_N,
+                QUANT,
+                PV,
+                DENSE,
+                USE_DESC,
+                INTERPRET,
+                ROW_SUM_MMA,
+                FOLD_SCALE,
+                True,
+            )
+    else:
+        for i in range(steps):
+            m_i, l_i, acc = _attend_key_block(
+                i,
+                m_i,
+                l_i,
+                acc,
+                q,
+                q_scale,
+                offset,
+                qk_scale,
+                k_src,
+                v_src,
+                k_scale_ptr,
+                lut_ptr,
+                lut_row,
+                k_max,
+                n,
+                n64,
+                k_base,
+                v_base,
+                L,
+                V_PAD,
+                num_k_blocks,
+                s_kl,
+                s_vl,
+                cols,
+                dims,
+                ones,
+                D,
+                BLOCK_N,
+                QUANT,
+                PV,
+                DENSE,
+                USE_DESC,
+                INTERPRET,
+                ROW_SUM_MMA,
+                FOLD_SCALE,
+                True,
+            )
 
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     if PV == PV_FP8:
@@ -432,6 +488,8 @@ def _launch(
         USE_DESC=use_desc,
         INTERPRET=interpreting(),
         ROW_SUM_MMA=config.row_sum_mma and pv == PV_FP8,
+        FOLD_SCALE=config.fold_scale,
+        PEEL_TAIL=config.peel_tail,
         num_warps=config.num_warps,
         num_stages=config.num_stages,
     )
