@@ -22,9 +22,15 @@ Output: (B, L, H, D) in q's dtype. Accuracy vs float64 (KERNELS.md §1.9): INT8+
 <= 0.04, bf16 <= 5e-3; checked by tests/test_kernels_interpret.py (TRITON_INTERPRET=1; bf16 dots run in fp32
 there because the interpreter mishandles them, KERNELS.md §4.9) and by bench/attention.py on the GPU.
 Reference: `sla_reference.block_sparse_attention` / `sage_sparse_attention` / `linear_branch`.
+* ROW_SUM_MMA (FP8 P·V): the row sums l come from the tensor cores (P̃ times a ones column), so numerator
+  and denominator use the same FP8-rounded weights.
+Per key block the loop is bound by instruction issue on Hopper: the logit scale is folded into the exponent's
+multiply-add and the row max of the raw scores, the rescale of the accumulator and the add of the block's
+FP8 product are one multiply-add (SASS, sm90: 828 -> 663 instructions per key block with ROW_SUM_MMA).
 Measured (2026-11-21, Triton 3.6, bench/RESULTS.md): H100/H200 with the Hopper config (64x128, 4 warps,
-2 stages, TMA) 0.93 ms at 1.3B-480p top-k 0.1 (~700 real TOPS) and 10.2 ms dense; pointer loads 15-20 %
-slower. Not yet run on sm80/86/89/120: those paths (fp16 P·V, pointer loads, 128x64 tiles) are only
+2 stages, TMA) 0.93 ms at 1.3B-480p top-k 0.1 (~700 real TOPS) and 10.2 ms dense before that change,
+0.88 ms after it (bench/attention_ab.py); pointer loads 15-20 % slower. Not yet run on sm80/86/89/120:
+those paths (fp16 P·V, pointer loads, 128x64 tiles) are only
 exercised by the interpreter tests.
 """
 
@@ -63,124 +69,14 @@ class KernelConfig:
     num_warps: int
     num_stages: int
     row_sum_mma: bool = False
-    fold_scale: bool = True
-    peel_tail: bool = True
 
 
-# Hopper: one warpgroup on a 64-row tile, 2 stages (KERNELS.md §0, §2.4: 713 TOPS dense on H100).
-HOPPER_CONFIG = KernelConfig(block_m=64, num_warps=4, num_stages=2)
+# Hopper: one warpgroup on a 64-row tile, 2 stages (KERNELS.md §0, §2.4: 713 TOPS dense on H100); row sums
+# on the tensor cores: 1.20x / 1.04x the kernel without them at 1.3B-480p / 14B-720p, top-k 0.1 (H200,
+# bench/attention_ab.py, 2026-11-21), 168 registers so that three programs share an SM.
+HOPPER_CONFIG = KernelConfig(block_m=64, num_warps=4, num_stages=2, row_sum_mma=True)
 # Everything else: 128-row tiles, 8 warps, 3 stages (SageAttention v1 / TurboDiffusion's SLA kernel).
 GENERIC_CONFIG = KernelConfig(block_m=128, num_warps=8, num_stages=3)
-
-
-@triton.jit
-def _attend_key_block(
-    i,
-    m_i,
-    l_i,
-    acc,
-    q,
-    q_scale,
-    offset,
-    qk_scale,
-    k_src,
-    v_src,
-    k_scale_ptr,
-    lut_ptr,
-    lut_row,
-    k_max,
-    n,
-    n64,
-    k_base,
-    v_base,
-    L,
-    V_PAD,
-    num_k_blocks,
-    s_kl,
-    s_vl,
-    cols,
-    dims,
-    ones,
-    D: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    QUANT: tl.constexpr,
-    PV: tl.constexpr,
-    DENSE: tl.constexpr,
-    USE_DESC: tl.constexpr,
-    INTERPRET: tl.constexpr,
-    ROW_SUM_MMA: tl.constexpr,
-    FOLD_SCALE: tl.constexpr,
-    MASK_TAIL: tl.constexpr,
-):
-    """One step of the online softmax over the i-th key block of the LUT row (or key block i when DENSE):
-    returns the updated (row max, row sum, accumulator). MASK_TAIL: the block may reach past L."""
-    if DENSE:
-        kb = i
-    else:
-        kb = tl.load(lut_ptr + lut_row * k_max + i)
-    start = kb * BLOCK_N
-    keys = start + cols
-    if USE_DESC:
-        k = k_src.load([n, start, 0]).reshape(BLOCK_N, D)
-    else:
-        k = tl.load(
-            k_src + k_base + keys[:, None].to(tl.int64) * s_kl + dims[None, :],
-            mask=keys[:, None] < L,
-            other=0.0,
-        )
-    # Logits in the exp2 domain are s·scale; the scale (> 0) is applied inside the exponent's
-    # multiply-add, p = 2^(s·scale + (offset − m)), and to the row maximum of the raw s: one FFMA per
-    # element instead of a multiply and two adds (the loop is instruction-issue-bound on Hopper).
-    if QUANT:
-        s = tl.dot(q, tl.trans(k)).to(tl.float32)
-        scale = q_scale * tl.load(k_scale_ptr + n64 * num_k_blocks + kb)
-    else:
-        if INTERPRET:
-            k = k.to(tl.float32)
-        s = tl.dot(q, tl.trans(k))
-        scale = qk_scale
-    if MASK_TAIL:  # noqa: SIM102 (a constexpr test: the masked code exists only in the tail step)
-        if start + BLOCK_N > L:
-            s = tl.where(keys[None, :] < L, s, float("-inf"))
-    if FOLD_SCALE:
-        m_new = tl.maximum(m_i, tl.max(s, axis=1) * scale)
-        p = tl.math.exp2(s * scale + (offset - m_new)[:, None])
-    else:
-        s = s * scale
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        p = tl.math.exp2(s - m_new[:, None] + offset)
-    alpha = tl.math.exp2(m_i - m_new)
-    if PV == PV_FP8:
-        if USE_DESC:
-            vt = v_src.load([n, 0, start]).reshape(D, BLOCK_N)
-        else:
-            vt = tl.load(v_src + (n64 * D + dims[:, None]) * V_PAD + keys[None, :])
-        p8 = to_e4m3(p, INTERPRET)
-        if ROW_SUM_MMA:
-            # ones: [BLOCK_N, 16] with a single column of ones; the other columns add zeros.
-            l_i = l_i * alpha + tl.sum(tl.dot(p8, ones), axis=1)
-        else:
-            l_i = l_i * alpha + tl.sum(p, axis=1)
-        if FOLD_SCALE:  # rescale and add the block's fresh FP8 product in one multiply-add
-            acc = acc * alpha[:, None] + tl.dot(p8, tl.trans(vt))
-        else:
-            acc = acc * alpha[:, None]
-            acc += tl.dot(p8, tl.trans(vt))
-    else:
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None]
-        v = tl.load(
-            v_src + v_base + keys[:, None].to(tl.int64) * s_vl + dims[None, :],
-            mask=keys[:, None] < L,
-            other=0.0,
-        )
-        if PV == PV_FP16:
-            acc = tl.dot(p.to(tl.float16), v.to(tl.float16), acc)
-        elif INTERPRET:
-            acc = tl.dot(p, v.to(tl.float32), acc)
-        else:
-            acc = tl.dot(p.to(v.dtype), v, acc)
-    return m_new, l_i, acc
 
 
 @triton.jit
@@ -224,8 +120,6 @@ def _sparse_attention_kernel(
     USE_DESC: tl.constexpr,
     INTERPRET: tl.constexpr,
     ROW_SUM_MMA: tl.constexpr,
-    FOLD_SCALE: tl.constexpr,
-    PEEL_TAIL: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     n = tl.program_id(1)
@@ -266,132 +160,68 @@ def _sparse_attention_kernel(
         steps = num_k_blocks
     else:
         steps = tl.load(count_ptr + lut_row)
-    ones = None
     if ROW_SUM_MMA:
         ones = tl.where(tl.arange(0, 16)[None, :] == 0, 1.0, 0.0) + tl.zeros([BLOCK_N, 16], tl.float32)
         ones = to_e4m3(ones, INTERPRET)
-    # The LUT is ascending, so the ragged last key block can only come last: the loop runs the other
-    # blocks without the tail mask (a select per element per step, always executed once if-converted).
-    if PEEL_TAIL:
-        unmasked = tl.where((L % BLOCK_N != 0) & (steps > 0), steps - 1, steps)
-        for i in range(unmasked):
-            m_i, l_i, acc = _attend_key_block(
-                i,
-                m_i,
-                l_i,
-                acc,
-                q,
-                q_scale,
-                offset,
-                qk_scale,
-                k_src,
-                v_src,
-                k_scale_ptr,
-                lut_ptr,
-                lut_row,
-                k_max,
-                n,
-                n64,
-                k_base,
-                v_base,
-                L,
-                V_PAD,
-                num_k_blocks,
-                s_kl,
-                s_vl,
-                cols,
-                dims,
-                ones,
-                D,
-                BLOCK_N,
-                QUANT,
-                PV,
-                DENSE,
-                USE_DESC,
-                INTERPRET,
-                ROW_SUM_MMA,
-                FOLD_SCALE,
-                False,
+    for i in range(steps):
+        if DENSE:
+            kb = i
+        else:
+            kb = tl.load(lut_ptr + lut_row * k_max + i)
+        start = kb * BLOCK_N
+        keys = start + cols
+        if USE_DESC:
+            k = k_src.load([n, start, 0]).reshape(BLOCK_N, D)
+        else:
+            k = tl.load(
+                k_src + k_base + keys[:, None].to(tl.int64) * s_kl + dims[None, :],
+                mask=keys[:, None] < L,
+                other=0.0,
             )
-        if unmasked < steps:
-            m_i, l_i, acc = _attend_key_block(
-                steps - 1,
-                m_i,
-                l_i,
-                acc,
-                q,
-                q_scale,
-                offset,
-                qk_scale,
-                k_src,
-                v_src,
-                k_scale_ptr,
-                lut_ptr,
-                lut_row,
-                k_max,
-                n,
-                n64,
-                k_base,
-                v_base,
-                L,
-                V_PAD,
-                num_k_blocks,
-                s_kl,
-                s_vl,
-                cols,
-                dims,
-                ones,
-                D,
-                BLOCK_N,
-                QUANT,
-                PV,
-                DENSE,
-                USE_DESC,
-                INTERPRET,
-                ROW_SUM_MMA,
-                FOLD_SCALE,
-                True,
+        # Logits in the exp2 domain are s·scale; the scale (> 0) is applied inside the exponent's
+        # multiply-add, p = 2^(s·scale + (offset − m)), and to the row maximum of the raw s: one FFMA per
+        # element instead of a multiply and two adds (the loop is instruction-issue-bound on Hopper).
+        if QUANT:
+            s = tl.dot(q, tl.trans(k)).to(tl.float32)
+            scale = q_scale * tl.load(k_scale_ptr + n64 * num_k_blocks + kb)
+        else:
+            if INTERPRET:
+                k = k.to(tl.float32)
+            s = tl.dot(q, tl.trans(k))
+            scale = qk_scale
+        if start + BLOCK_N > L:
+            s = tl.where(keys[None, :] < L, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1) * scale)
+        p = tl.math.exp2(s * scale + (offset - m_new)[:, None])
+        alpha = tl.math.exp2(m_i - m_new)
+        if PV == PV_FP8:
+            if USE_DESC:
+                vt = v_src.load([n, 0, start]).reshape(D, BLOCK_N)
+            else:
+                vt = tl.load(v_src + (n64 * D + dims[:, None]) * V_PAD + keys[None, :])
+            if not ROW_SUM_MMA:  # summed before the FP8 copy exists: p and p8 are never live together
+                l_i = l_i * alpha + tl.sum(p, axis=1)
+            p8 = to_e4m3(p, INTERPRET)
+            if ROW_SUM_MMA:
+                # ones: [BLOCK_N, 16] with a single column of ones; the other columns add zeros.
+                l_i = l_i * alpha + tl.sum(tl.dot(p8, ones), axis=1)
+            # Rescale and add the block's fresh FP8 product in one multiply-add.
+            acc = acc * alpha[:, None] + tl.dot(p8, tl.trans(vt))
+        else:
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            acc = acc * alpha[:, None]
+            v = tl.load(
+                v_src + v_base + keys[:, None].to(tl.int64) * s_vl + dims[None, :],
+                mask=keys[:, None] < L,
+                other=0.0,
             )
-    else:
-        for i in range(steps):
-            m_i, l_i, acc = _attend_key_block(
-                i,
-                m_i,
-                l_i,
-                acc,
-                q,
-                q_scale,
-                offset,
-                qk_scale,
-                k_src,
-                v_src,
-                k_scale_ptr,
-                lut_ptr,
-                lut_row,
-                k_max,
-                n,
-                n64,
-                k_base,
-                v_base,
-                L,
-                V_PAD,
-                num_k_blocks,
-                s_kl,
-                s_vl,
-                cols,
-                dims,
-                ones,
-                D,
-                BLOCK_N,
-                QUANT,
-                PV,
-                DENSE,
-                USE_DESC,
-                INTERPRET,
-                ROW_SUM_MMA,
-                FOLD_SCALE,
-                True,
-            )
+            if PV == PV_FP16:
+                acc = tl.dot(p.to(tl.float16), v.to(tl.float16), acc)
+            elif INTERPRET:
+                acc = tl.dot(p, v.to(tl.float32), acc)
+            else:
+                acc = tl.dot(p.to(v.dtype), v, acc)
+        m_i = m_new
 
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     if PV == PV_FP8:
@@ -488,8 +318,6 @@ def _launch(
         USE_DESC=use_desc,
         INTERPRET=interpreting(),
         ROW_SUM_MMA=config.row_sum_mma and pv == PV_FP8,
-        FOLD_SCALE=config.fold_scale,
-        PEEL_TAIL=config.peel_tail,
         num_warps=config.num_warps,
         num_stages=config.num_stages,
     )
