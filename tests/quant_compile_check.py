@@ -22,7 +22,8 @@ GEMM_SIGNATURE = {
     "K": "i32",
     "k_tiles": "i32",
     **dict.fromkeys(
-        ("HAS_BIAS", "EVEN_K", "BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "SOFTWARE_BF16"), "constexpr"
+        ("HAS_BIAS", "EVEN_K", "BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "BIT_CONVERT", "SOFTWARE_BF16"),
+        "constexpr",
     ),
 }
 QUANTISER_SIGNATURE = {
@@ -49,6 +50,7 @@ def gemm_report(capability: int) -> dict:
         "BLOCK_N": config.block_n,
         "BLOCK_K": int8_gemm.TILE,
         "GROUP_M": config.group_m,
+        "BIT_CONVERT": config.bit_convert,
         "SOFTWARE_BF16": False,
     }
     source = ASTSource(int8_gemm._w8a8_gemm_kernel, GEMM_SIGNATURE, constexprs, DIVISIBLE_BY_16)
