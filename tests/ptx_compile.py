@@ -34,3 +34,25 @@ def ptxas_usage(ptx: str, capability: int) -> dict:
         "spill_bytes": int(spills.group(1)) if spills else None,
         "registers": int(registers.group(1)) if registers else None,
     }
+
+
+def divisible_by_16(signature: dict, sizes: tuple[str, ...] = ("M", "N", "K")) -> dict:
+    """The `tt.divisibility` attributes the launcher gives real tensors: every pointer argument of `signature`
+    and the integer arguments named in `sizes` specialised as multiples of 16 (every Wan shape)."""
+    return {
+        (index,): [["tt.divisibility", 16]]
+        for index, (name, kind) in enumerate(signature.items())
+        if kind.startswith("*") or name in sizes
+    }
+
+
+def persistent_gemm_constexprs(config) -> dict:
+    """The constexprs a `rowwise_gemm.RowwiseGemmConfig` decides for the persistent GEMM kernels."""
+    return {
+        "BLOCK_M": config.block_m,
+        "BLOCK_N": config.block_n,
+        "BLOCK_K": config.block_k,
+        "GROUP_M": config.group_m,
+        "FLATTEN": config.flatten,
+        "SPLIT_EPILOGUE": config.split_epilogue,
+    }

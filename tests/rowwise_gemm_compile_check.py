@@ -9,7 +9,7 @@ import re
 
 import torch
 from comfyui_turbodiffusion.turbo_kernels import row_quant, rowwise_gemm
-from ptx_compile import compile_for, ptxas_usage
+from ptx_compile import compile_for, divisible_by_16, persistent_gemm_constexprs, ptxas_usage
 from triton.compiler import ASTSource
 
 # (capability, architecture family, operand types): fp8 needs sm89+.
@@ -57,21 +57,10 @@ def gemm_report(capability: int, family: str, code: str, gelu: bool) -> dict:
         "INTEGER": code == "i8",
         "DESCRIPTORS": config.descriptors,
         "EVEN_K": True,
-        "BLOCK_M": config.block_m,
-        "BLOCK_N": config.block_n,
-        "BLOCK_K": config.block_k,
-        "GROUP_M": config.group_m,
-        "FLATTEN": config.flatten,
-        "SPLIT_EPILOGUE": config.split_epilogue,
+        **persistent_gemm_constexprs(config),
         "SOFTWARE_BF16": False,
     }
-    # The launcher specialises 16-divisible pointers and sizes (every Wan shape).
-    aligned = {
-        (i,): [["tt.divisibility", 16]]
-        for i, (name, kind) in enumerate(signature.items())
-        if kind.startswith("*") or name in ("M", "N", "K")
-    }
-    source = ASTSource(rowwise_gemm._rowwise_gemm_kernel, signature, constexprs, aligned)
+    source = ASTSource(rowwise_gemm._rowwise_gemm_kernel, signature, constexprs, divisible_by_16(signature))
     kernel = compile_for(source, capability, {"num_warps": config.num_warps, "num_stages": config.num_stages})
     ptx = kernel.asm["ptx"]
     operands = ".s32.s8.s8" if code == "i8" else ".e4m3.e4m3"

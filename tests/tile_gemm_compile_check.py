@@ -10,7 +10,7 @@ import sys
 from dataclasses import replace
 
 from comfyui_turbodiffusion.turbo_kernels import rowwise_gemm
-from ptx_compile import compile_for, ptxas_usage
+from ptx_compile import compile_for, divisible_by_16, persistent_gemm_constexprs, ptxas_usage
 from triton.compiler import ASTSource
 
 FLAGS = (
@@ -54,21 +54,12 @@ def report(config: rowwise_gemm.RowwiseGemmConfig, with_bias: bool) -> dict:
         "OUT_DTYPE": rowwise_gemm.TILE_SCALED_OUT_DTYPES[rowwise_gemm.torch.bfloat16],
         "DESCRIPTORS": True,
         "EVEN_K": True,
-        "BLOCK_M": config.block_m,
-        "BLOCK_N": config.block_n,
-        "BLOCK_K": config.block_k,
-        "GROUP_M": config.group_m,
-        "FLATTEN": config.flatten,
-        "SPLIT_EPILOGUE": config.split_epilogue,
+        **persistent_gemm_constexprs(config),
         "SOFTWARE_BF16": False,
     }
-    # The launcher specialises 16-divisible pointers and sizes (every Wan shape).
-    aligned = {
-        (i,): [["tt.divisibility", 16]]
-        for i, (name, kind) in enumerate(signature.items())
-        if kind.startswith("*") or name in ("M", "N", "K")
-    }
-    source = ASTSource(rowwise_gemm._tile_scaled_gemm_kernel, signature, constexprs, aligned)
+    source = ASTSource(
+        rowwise_gemm._tile_scaled_gemm_kernel, signature, constexprs, divisible_by_16(signature)
+    )
     kernel = compile_for(source, 90, {"num_warps": config.num_warps, "num_stages": config.num_stages})
     ptx = kernel.asm["ptx"]
     return {
