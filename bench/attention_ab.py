@@ -74,23 +74,21 @@ def optional_flags() -> list[str]:
     return [f.name for f in dataclasses.fields(current.KernelConfig) if f.type in (bool, "bool")]
 
 
-DEFAULT_COMBINATIONS = (
-    "fold_scale+peel_tail",
-    "fold_scale",
-    "peel_tail",
-    "row_sum_mma",
-    "fold_scale+row_sum_mma",
-    "fold_scale+peel_tail+row_sum_mma",
-)
+DEFAULT_COMBINATIONS = ("row_sum_mma", "row_sum_mma+block_n=64", "row_sum_mma+block_n=64+num_stages=3")
 
 
 def config_with(base, combination: str):
-    """`base` with exactly the optional flags named in `combination` ("a+b", or "none") set."""
-    named = set() if combination == "none" else set(combination.split("+"))
-    unknown = named - set(optional_flags())
+    """`base` with exactly the optional flags named in `combination` ("a+b", or "none") set, and any
+    "field=integer" item (e.g. "block_n=64", "num_stages=3") assigned."""
+    items = [] if combination == "none" else combination.split("+")
+    assigned = dict(item.split("=", 1) for item in items if "=" in item)
+    named = {item for item in items if "=" not in item}
+    fields = {f.name for f in dataclasses.fields(current.KernelConfig)}
+    unknown = (named - set(optional_flags())) | (set(assigned) - fields)
     if unknown:
-        raise SystemExit(f"unknown KernelConfig flags {sorted(unknown)}; known: {optional_flags()}")
-    return dataclasses.replace(base, **{flag: flag in named for flag in optional_flags()})
+        raise SystemExit(f"unknown KernelConfig fields {sorted(unknown)}; known: {sorted(fields)}")
+    flags = {flag: flag in named for flag in optional_flags()}
+    return dataclasses.replace(base, **flags, **{name: int(value) for name, value in assigned.items()})
 
 
 def compiled_kernels(kernel) -> dict:
@@ -212,7 +210,7 @@ def main() -> None:
     parser.add_argument(
         "--configs",
         default=",".join(DEFAULT_COMBINATIONS),
-        help="comma-separated KernelConfig flag combinations of the current kernel (a+b, or none)",
+        help="comma-separated KernelConfig combinations of the current kernel (flag+flag+field=int, or none)",
     )
     args = parser.parse_args()
     print(environment_line(torch.device("cuda")))
