@@ -74,7 +74,7 @@ def optional_flags() -> list[str]:
     return [f.name for f in dataclasses.fields(current.KernelConfig) if f.type in (bool, "bool")]
 
 
-DEFAULT_COMBINATIONS = ("row_sum_mma", "row_sum_mma+block_n=64", "row_sum_mma+block_n=64+num_stages=3")
+DEFAULT_COMBINATIONS = ("row_sum_mma", "row_sum_mma+num_stages=3", "none")
 
 
 def config_with(base, combination: str):

@@ -185,54 +185,6 @@ def _finalize_stats_kernel(
 
 
 @triton.jit
-def _linear_branch_tile(x, n64, kv_ptr, z_ptr, bias_ptr, D: tl.constexpr, INTERPRET: tl.constexpr):
-    """proj_l(O_lin) of a [rows, D] float32 query tile: φ(q)·KV' / (φ(q)·Z + 1e-5) + b."""
-    dims = tl.arange(0, D)
-    phi = _softmax_rows(x)
-    kv = tl.load(kv_ptr + n64 * D * D + dims[:, None] * D + dims[None, :])
-    if INTERPRET:
-        numerator = tl.dot(phi, kv.to(tl.float32))
-    else:
-        numerator = tl.dot(phi.to(kv.dtype), kv)
-    z = tl.load(z_ptr + n64 * D + dims)
-    denominator = tl.sum(phi * z[None, :], axis=1) + 1e-5  # sla_reference.LINEAR_EPS
-    return numerator / denominator[:, None] + tl.load(bias_ptr + dims)[None, :]
-
-
-@triton.jit
-def _pool_quantise_tile(
-    x,
-    valid,
-    offsets,
-    blk,
-    n64,
-    L,
-    num_blocks,
-    mean_ptr,
-    pooled_ptr,
-    x8_ptr,
-    scale_ptr,
-    scale_mul,
-    D: tl.constexpr,
-    BLK: tl.constexpr,
-    SUBTRACT_MEAN: tl.constexpr,
-    QUANT: tl.constexpr,
-):
-    """Pooled mean (and INT8 codes + scale) of block `blk` of head n from its float32 [BLK, D] tile."""
-    dims = tl.arange(0, D)
-    if SUBTRACT_MEAN:
-        x = tl.where(valid, x - tl.load(mean_ptr + n64 * D + dims)[None, :], 0.0)
-    block = n64 * num_blocks + blk
-    tl.store(pooled_ptr + block * D + dims, tl.sum(x, axis=0) / tl.minimum(BLK, L - blk * BLK))
-    if QUANT:
-        scale = tl.max(tl.max(tl.abs(x), axis=1), axis=0) / 127.0 + 1e-7  # sla_reference.INT8_SCALE_EPS
-        y = x / scale
-        rounded = tl.where(y >= 0, tl.floor(y + 0.5), tl.ceil(y - 0.5))
-        tl.store(x8_ptr + (n64 * L + offsets) * D + dims[None, :], rounded.to(tl.int8), mask=valid)
-        tl.store(scale_ptr + block, scale * scale_mul)
-
-
-@triton.jit
 def _pool_quantise_kernel(
     x_ptr,
     mean_ptr,
@@ -275,184 +227,27 @@ def _pool_quantise_kernel(
     if LINEAR:
         # One program per block re-reads KV' (32 KB, L2-resident); looping over 4 blocks per program to
         # reuse it was 2.5x slower on H100 (2026-11-21).
-        linear = _linear_branch_tile(x, n64, kv_ptr, z_ptr, bias_ptr, D, INTERPRET)
+        phi = _softmax_rows(x)
+        kv = tl.load(kv_ptr + n64 * D * D + dims[:, None] * D + dims[None, :])
+        if INTERPRET:
+            numerator = tl.dot(phi, kv.to(tl.float32))
+        else:
+            numerator = tl.dot(phi.to(kv.dtype), kv)
+        z = tl.load(z_ptr + n64 * D + dims)
+        denominator = tl.sum(phi * z[None, :], axis=1) + 1e-5  # sla_reference.LINEAR_EPS
+        linear = numerator / denominator[:, None] + tl.load(bias_ptr + dims)[None, :]
         out_offsets = b * s_ob + h * s_oh + offsets * s_ol + dims[None, :]
         tl.store(out_ptr + out_offsets, linear.to(out_ptr.dtype.element_ty), mask=valid)
-    _pool_quantise_tile(
-        x,
-        valid,
-        offsets,
-        blk,
-        n64,
-        L,
-        num_blocks,
-        mean_ptr,
-        pooled_ptr,
-        x8_ptr,
-        scale_ptr,
-        scale_mul,
-        D,
-        BLK,
-        SUBTRACT_MEAN,
-        QUANT,
-    )
-
-
-@triton.jit
-def _block_tile(x_ptr, item, total, num_blocks, H, L, s_b, s_h, s_l, D: tl.constexpr, BLK: tl.constexpr):
-    """The bf16 [BLK, D] tile of work item `item` = n·num_blocks + blk (zeros past L or past `total`)."""
-    n = item // num_blocks
-    rows = (item % num_blocks) * BLK + tl.arange(0, BLK)
-    valid = rows[:, None] < tl.where(item < total, L, 0)
-    base = x_ptr + (n // H).to(tl.int64) * s_b + (n % H).to(tl.int64) * s_h
-    return tl.load(base + rows[:, None].to(tl.int64) * s_l + tl.arange(0, D)[None, :], mask=valid, other=0.0)
-
-
-@triton.jit
-def _pool_quantise_stream_kernel(
-    x_ptr,
-    mean_ptr,
-    pooled_ptr,
-    x8_ptr,
-    scale_ptr,
-    H,
-    L,
-    num_blocks,
-    total,
-    s_b,
-    s_h,
-    s_l,
-    scale_mul,
-    D: tl.constexpr,
-    BLK: tl.constexpr,
-    SUBTRACT_MEAN: tl.constexpr,
-    QUANT: tl.constexpr,
-):
-    # Persistent programs over the work items n·num_blocks + blk; the next item's tile is loaded before
-    # this one is reduced and stored, so every program keeps a load in flight.
-    first = tl.program_id(0)
-    step = tl.num_programs(0)
-    upcoming = _block_tile(x_ptr, first, total, num_blocks, H, L, s_b, s_h, s_l, D, BLK)
-    for item in range(first, total, step):
-        x = upcoming.to(tl.float32)
-        upcoming = _block_tile(x_ptr, item + step, total, num_blocks, H, L, s_b, s_h, s_l, D, BLK)
-        blk = item % num_blocks
-        rows = blk * BLK + tl.arange(0, BLK)
-        _pool_quantise_tile(
-            x,
-            rows[:, None] < L,
-            rows[:, None].to(tl.int64),
-            blk,
-            (item // num_blocks).to(tl.int64),
-            L,
-            num_blocks,
-            mean_ptr,
-            pooled_ptr,
-            x8_ptr,
-            scale_ptr,
-            scale_mul,
-            D,
-            BLK,
-            SUBTRACT_MEAN,
-            QUANT,
-        )
-
-
-@triton.jit
-def _linear_branch_kernel(
-    q_ptr,
-    kv_ptr,
-    z_ptr,
-    bias_ptr,
-    out_ptr,
-    H,
-    L,
-    s_b,
-    s_h,
-    s_l,
-    s_ob,
-    s_oh,
-    s_ol,
-    D: tl.constexpr,
-    ROWS: tl.constexpr,
-    ACCUMULATE: tl.constexpr,
-    INTERPRET: tl.constexpr,
-):
-    n = tl.program_id(1)
-    b = (n // H).to(tl.int64)
-    h = (n % H).to(tl.int64)
-    dims = tl.arange(0, D)
-    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
-    valid = rows[:, None] < L
-    offsets = rows[:, None].to(tl.int64)
-    x = tl.load(q_ptr + b * s_b + h * s_h + offsets * s_l + dims[None, :], mask=valid, other=0.0)
-    out_ptrs = out_ptr + b * s_ob + h * s_oh + offsets * s_ol + dims[None, :]
-    if ACCUMULATE:  # loaded with q, before any arithmetic: the kernel is bound by memory
-        previous = tl.load(out_ptrs, mask=valid, other=0.0)
-    linear = _linear_branch_tile(x.to(tl.float32), n.to(tl.int64), kv_ptr, z_ptr, bias_ptr, D, INTERPRET)
-    if ACCUMULATE:
-        linear += previous.to(tl.float32)
-    tl.store(out_ptrs, linear.to(out_ptr.dtype.element_ty), mask=valid)
-
-
-@triton.jit
-def _keys_values_kernel(
-    k_ptr,
-    v_ptr,
-    mean_ptr,
-    pooled_ptr,
-    k8_ptr,
-    k_scale_ptr,
-    v_scale_ptr,
-    vt_ptr,
-    H,
-    L,
-    L_PAD,
-    num_blocks,
-    s_kb,
-    s_kh,
-    s_kl,
-    s_vb,
-    s_vh,
-    s_vl,
-    D: tl.constexpr,
-    BLK: tl.constexpr,
-    INTERPRET: tl.constexpr,
-):
-    # Block blk of head n: smoothed, pooled INT8 keys and the FP8 transposed values of the same rows
-    # (grid L_PAD / BLK blocks: the ones past the last key block only zero the V padding).
-    blk = tl.program_id(0)
-    n = tl.program_id(1)
-    n64 = n.to(tl.int64)
-    b = (n // H).to(tl.int64)
-    h = (n % H).to(tl.int64)
-    dims = tl.arange(0, D)
-    rows = blk * BLK + tl.arange(0, BLK)
-    valid = rows[:, None] < L
-    offsets = rows[:, None].to(tl.int64)
-    if blk < num_blocks:
-        k = tl.load(k_ptr + b * s_kb + h * s_kh + offsets * s_kl + dims[None, :], mask=valid, other=0.0)
-        _pool_quantise_tile(
-            k.to(tl.float32),
-            valid,
-            offsets,
-            blk,
-            n64,
-            L,
-            num_blocks,
-            mean_ptr,
-            pooled_ptr,
-            k8_ptr,
-            k_scale_ptr,
-            1.0,
-            D,
-            BLK,
-            True,
-            True,
-        )
-    v = tl.load(v_ptr + b * s_vb + h * s_vh + offsets * s_vl + dims[None, :], mask=valid, other=0.0)
-    v8 = to_e4m3(v.to(tl.float32) / tl.load(v_scale_ptr + n64 * D + dims)[None, :], INTERPRET)
-    tl.store(vt_ptr + (n64 * D + dims[:, None]) * L_PAD + rows[None, :], tl.trans(v8))
+    if SUBTRACT_MEAN:
+        x = tl.where(valid, x - tl.load(mean_ptr + n64 * D + dims)[None, :], 0.0)
+    block = n64 * num_blocks + blk
+    tl.store(pooled_ptr + block * D + dims, tl.sum(x, axis=0) / tl.minimum(BLK, L - blk * BLK))
+    if QUANT:
+        scale = tl.max(tl.max(tl.abs(x), axis=1), axis=0) / 127.0 + 1e-7  # sla_reference.INT8_SCALE_EPS
+        y = x / scale
+        rounded = tl.where(y >= 0, tl.floor(y + 0.5), tl.ceil(y - 0.5))
+        tl.store(x8_ptr + (n64 * L + offsets) * D + dims[None, :], rounded.to(tl.int8), mask=valid)
+        tl.store(scale_ptr + block, scale * scale_mul)
 
 
 @triton.jit
@@ -613,29 +408,6 @@ def sequence_stats(
     return finalize_stats(partial, proj_l)
 
 
-@dataclass(frozen=True)
-class PrepassConfig:
-    """How the pre-pass is launched; every choice writes the same operands (bench/prepass_ab.py times them).
-
-    linear_placement: where the SLA linear branch is computed: "q_pass" (inside the q pass), "before" (a
-    kernel of its own over `linear_rows`-row tiles with `linear_warps` warps, writing the output tensor that
-    the attention kernel then adds to) or "after" (the same kernel run after the attention kernel, adding to
-    its output; `sage_prepass` then leaves it to the caller). stream_programs_per_sm > 0: the q and k block
-    passes run as that many persistent programs per multiprocessor, each loading its next block before it
-    reduces the current one.
-    fuse_keys_values: INT8 keys and FP8 values in one launch (FP8 recipes)."""
-
-    linear_placement: str = "q_pass"
-    linear_rows: int = 64
-    linear_warps: int = 4
-    stream_programs_per_sm: int = 0
-    fuse_keys_values: bool = False
-
-
-def _multiprocessors(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
-
-
 def pool_and_quantise(
     x: torch.Tensor,
     blk: int,
@@ -645,13 +417,11 @@ def pool_and_quantise(
     scale_mul: float = 1.0,
     linear: LinearState | None = None,
     linear_out: torch.Tensor | None = None,
-    stream_programs_per_sm: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """Pooled block means float32 (N, NB, D) of x (minus `mean` (N, D) if given) and optionally INT8 x.
 
     Returns (pooled, x8 int8 (N, L, D) or None, scale·scale_mul float32 (N, NB) or None). With `linear`, x is
-    the query and proj_l(O_lin) is written into `linear_out` (B, L, H, D). `stream_programs_per_sm` > 0
-    (without `linear`): persistent programs that prefetch their next block.
+    the query and proj_l(O_lin) is written into `linear_out` (B, L, H, D).
     """
     batch, length, heads, d = x.shape
     n = batch * heads
@@ -663,29 +433,6 @@ def pool_and_quantise(
         raise ValueError(
             "pool_and_quantise: `linear` needs `linear_out`, the tensor to write the branch into"
         )
-    num_warps = 4 if blk <= 64 else 8
-    if stream_programs_per_sm > 0 and linear is None:
-        total = n * num_blocks
-        programs = min(total, stream_programs_per_sm * _multiprocessors(x.device))
-        _pool_quantise_stream_kernel[(programs,)](
-            x,
-            pooled if mean is None else mean,
-            pooled,
-            x8,
-            scale,
-            heads,
-            length,
-            num_blocks,
-            total,
-            *_strides_bhl(x),
-            scale_mul,
-            D=d,
-            BLK=blk,
-            SUBTRACT_MEAN=mean is not None,
-            QUANT=quantise,
-            num_warps=num_warps,
-        )
-        return pooled, (x8 if quantise else None), (scale if quantise else None)
     out = x if linear_out is None else linear_out
     _pool_quantise_kernel[(num_blocks, n)](
         x,
@@ -709,79 +456,9 @@ def pool_and_quantise(
         QUANT=quantise,
         LINEAR=linear is not None,
         INTERPRET=interpreting(),
-        num_warps=num_warps,
-    )
-    return pooled, (x8 if quantise else None), (scale if quantise else None)
-
-
-def linear_branch(
-    q: torch.Tensor,
-    linear: LinearState,
-    out: torch.Tensor,
-    *,
-    rows: int = 64,
-    num_warps: int = 4,
-    accumulate: bool = False,
-) -> torch.Tensor:
-    """proj_l(O_lin) of q (B, L, H, D) written into `out` (B, L, H, D) by a kernel of its own, or added to
-    what `out` holds (rounded once, from float32) when `accumulate`."""
-    batch, length, heads, d = q.shape
-    _linear_branch_kernel[(triton.cdiv(length, rows), batch * heads)](
-        q,
-        linear.kv,
-        linear.z,
-        linear.bias,
-        out,
-        heads,
-        length,
-        *_strides_bhl(q),
-        *_strides_bhl(out),
-        D=d,
-        ROWS=rows,
-        ACCUMULATE=accumulate,
-        INTERPRET=interpreting(),
-        num_warps=num_warps,
-    )
-    return out
-
-
-def quantise_keys_values(
-    k: torch.Tensor, v: torch.Tensor, k_mean: torch.Tensor, v_scale: torch.Tensor, blk: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One launch for smoothed INT8 keys (as `pool_and_quantise` with `mean`) and the FP8 values (as
-    `quantise_values_fp8`): returns (pooled_k, k8, k_scale, v_fp8). `blk` must divide the V padding (128)."""
-    if _V_PAD % blk:
-        raise ValueError(f"quantise_keys_values: the key block {blk} must divide {_V_PAD}")
-    batch, length, heads, d = k.shape
-    n = batch * heads
-    num_blocks = triton.cdiv(length, blk)
-    padded = triton.cdiv(length, _V_PAD) * _V_PAD
-    f32 = {"dtype": torch.float32, "device": k.device}
-    pooled = torch.empty((n, num_blocks, d), **f32)
-    k8 = torch.empty((n, length, d), dtype=torch.int8, device=k.device)
-    k_scale = torch.empty((n, num_blocks), **f32)
-    vt = torch.empty((n, d, padded), dtype=torch.float8_e4m3fn, device=v.device)
-    _keys_values_kernel[(padded // blk, n)](
-        k,
-        v,
-        k_mean,
-        pooled,
-        k8,
-        k_scale,
-        v_scale,
-        vt,
-        heads,
-        length,
-        padded,
-        num_blocks,
-        *_strides_bhl(k),
-        *_strides_bhl(v),
-        D=d,
-        BLK=blk,
-        INTERPRET=interpreting(),
         num_warps=4 if blk <= 64 else 8,
     )
-    return pooled, k8, k_scale, vt
+    return pooled, (x8 if quantise else None), (scale if quantise else None)
 
 
 def quantise_values_fp8(v: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -829,38 +506,19 @@ def sage_prepass(
     *,
     proj_l: torch.nn.Module | None = None,
     linear_out: torch.Tensor | None = None,
-    config: PrepassConfig | None = None,
 ) -> SagePrepared:
-    """All SageSLA operands from bf16 q, k, v (B, L, H, D) in 4-6 launches; with proj_l the linear branch is
-    written into `linear_out` (unless `config.linear_placement` is "after")."""
-    config = config or PrepassConfig()
-    if config.linear_placement not in ("q_pass", "before", "after"):
-        raise ValueError(f"sage_prepass: unknown linear_placement {config.linear_placement!r}")
+    """All SageSLA operands from bf16 q, k, v (B, L, H, D) in 5 launches; with proj_l the linear branch is
+    written into `linear_out`."""
     fp8 = recipe.pv_dtype == "fp8"
     stats = sequence_stats(k, v, fp8_values=fp8, proj_l=proj_l)
-    split = config.linear_placement != "q_pass" and stats.linear is not None
-    if split and config.linear_placement == "before":
-        if linear_out is None:
-            raise ValueError("sage_prepass: proj_l needs `linear_out`, the tensor to write the branch into")
-        linear_branch(q, stats.linear, linear_out, rows=config.linear_rows, num_warps=config.linear_warps)
     pooled_q, q8, q_scale = pool_and_quantise(
         q,
         recipe.blkq,
         quantise=True,
         scale_mul=LOG2E / math.sqrt(q.shape[-1]),
-        linear=None if split else stats.linear,
+        linear=stats.linear,
         linear_out=linear_out,
-        stream_programs_per_sm=config.stream_programs_per_sm,
     )
-    if fp8 and config.fuse_keys_values and _V_PAD % recipe.blkk == 0:
-        pooled_k, k8, k_scale, v_fp8 = quantise_keys_values(k, v, stats.k_mean, stats.v_scale, recipe.blkk)
-    else:
-        pooled_k, k8, k_scale = pool_and_quantise(
-            k,
-            recipe.blkk,
-            mean=stats.k_mean,
-            quantise=True,
-            stream_programs_per_sm=config.stream_programs_per_sm,
-        )
-        v_fp8 = quantise_values_fp8(v, stats.v_scale) if fp8 else None
+    pooled_k, k8, k_scale = pool_and_quantise(k, recipe.blkk, mean=stats.k_mean, quantise=True)
+    v_fp8 = quantise_values_fp8(v, stats.v_scale) if fp8 else None
     return SagePrepared(q8, q_scale, k8, k_scale, v_fp8, stats.v_scale, pooled_q, pooled_k, stats)

@@ -15,13 +15,7 @@ from __future__ import annotations
 import torch
 
 from .block_select import select_blocks
-from .sage_prepass import (
-    PrepassConfig,
-    linear_branch,
-    pool_and_quantise,
-    sage_prepass,
-    sequence_stats,
-)
+from .sage_prepass import pool_and_quantise, sage_prepass, sequence_stats
 from .sla_reference import HOPPER_RECIPE, SLA_BLOCKS, SageRecipe, selected_block_count
 from .sparse_attention import KernelConfig, bf16_sparse_attention, quantised_attention
 
@@ -65,15 +59,12 @@ def sagesla_attention_triton(
     recipe: SageRecipe = HOPPER_RECIPE,
     config: KernelConfig | None = None,
     use_desc: bool | None = None,
-    prepass: PrepassConfig | None = None,
 ) -> torch.Tensor:
     """SageSLA: quantised block-sparse attention + linear branch."""
     dtype = q.dtype
     q, k, v = _half(q), _half(k), _half(v)
     out = torch.empty_like(q)
-    prepass = prepass or PrepassConfig()
-    prep = sage_prepass(q, k, v, recipe, proj_l=proj_l, linear_out=out, config=prepass)
-    linear_after = proj_l is not None and prepass.linear_placement == "after"
+    prep = sage_prepass(q, k, v, recipe, proj_l=proj_l, linear_out=out)
     k_sel = selected_block_count(prep.pooled_k.shape[1], topk)
     lut, counts = select_blocks(prep.pooled_q, prep.pooled_k, k_sel)
     quantised_attention(
@@ -84,19 +75,10 @@ def sagesla_attention_triton(
         recipe.blkk,
         lut=lut,
         counts=counts,
-        accumulate=proj_l is not None and not linear_after,
+        accumulate=proj_l is not None,
         config=config,
         use_desc=use_desc,
     )
-    if linear_after:
-        linear_branch(
-            q,
-            prep.stats.linear,
-            out,
-            rows=prepass.linear_rows,
-            num_warps=prepass.linear_warps,
-            accumulate=True,
-        )
     return out.to(dtype)
 
 

@@ -15,8 +15,7 @@ One kernel, specialised by constexpr flags:
   tiles zero-fill per head) instead of masked pointer loads.
 
 Contract: grid (ceil(L/BLOCK_M), N); program (m, n) owns query rows [m·BLOCK_M, (m+1)·BLOCK_M) of head n and
-reads LUT row m·BLOCK_M // BLKQ (BLOCK_M divides BLKQ; BLOCK_N divides BLKK: a LUT key block is visited in
-BLKK / BLOCK_N steps, its INT8 scale shared by them). Online softmax in fp32 (exp2 domain).
+reads LUT row m·BLOCK_M // BLKQ (BLOCK_M divides BLKQ; BLOCK_N == BLKK). Online softmax in fp32 (exp2 domain).
 The key tail block masks columns >= L to -inf; the query tail is masked on load and store; every output
 element is written, rows with an empty selection get 0 from the sparse branch. Offsets are int64.
 Output: (B, L, H, D) in q's dtype. Accuracy vs float64 (KERNELS.md §1.9): INT8+FP8 rel-L2 <= 0.05, INT8+FP16
@@ -70,11 +69,6 @@ class KernelConfig:
     num_warps: int
     num_stages: int
     row_sum_mma: bool = False
-    # Keys per inner step (None: the whole LUT key block). A divisor of BLKK halves the score tile's
-    # registers per halving; each LUT block is then visited in BLKK / block_n steps.
-    block_n: int | None = None
-    # ptxas register cap per thread (Triton's `maxnreg`); None leaves the choice to ptxas.
-    max_registers: int | None = None
 
 
 # Hopper: one warpgroup on a 64-row tile, 2 stages (KERNELS.md §0, §2.4: 713 TOPS dense on H100); row sums
@@ -119,7 +113,6 @@ def _sparse_attention_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLKQ: tl.constexpr,
-    BLKK: tl.constexpr,
     QUANT: tl.constexpr,
     PV: tl.constexpr,
     DENSE: tl.constexpr,
@@ -163,20 +156,19 @@ def _sparse_attention_kernel(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, D], dtype=tl.float32)
     lut_row = n64 * num_q_blocks + q_block
-    SPLIT: tl.constexpr = BLKK // BLOCK_N  # inner steps per LUT key block
     if DENSE:
-        steps = num_k_blocks * SPLIT
+        steps = num_k_blocks
     else:
-        steps = tl.load(count_ptr + lut_row) * SPLIT
+        steps = tl.load(count_ptr + lut_row)
     if ROW_SUM_MMA:
         ones = tl.where(tl.arange(0, 16)[None, :] == 0, 1.0, 0.0) + tl.zeros([BLOCK_N, 16], tl.float32)
         ones = to_e4m3(ones, INTERPRET)
     for i in range(steps):
         if DENSE:
-            kb = i // SPLIT
+            kb = i
         else:
-            kb = tl.load(lut_ptr + lut_row * k_max + i // SPLIT)
-        start = kb * BLKK + (i % SPLIT) * BLOCK_N
+            kb = tl.load(lut_ptr + lut_row * k_max + i)
+        start = kb * BLOCK_N
         keys = start + cols
         if USE_DESC:
             k = k_src.load([n, start, 0]).reshape(BLOCK_N, D)
@@ -290,9 +282,6 @@ def _launch(
     batch, length, _, d = out.shape
     if blkq % config.block_m:
         raise ValueError(f"BLOCK_M {config.block_m} must divide the query block {blkq}")
-    block_n = config.block_n or blkk
-    if blkk % block_n:
-        raise ValueError(f"BLOCK_N {block_n} must divide the key block {blkk}")
     num_q_blocks = triton.cdiv(length, blkq)
     num_k_blocks = triton.cdiv(length, blkk)
     dense = lut is None
@@ -320,9 +309,8 @@ def _launch(
         LOG2E / math.sqrt(d),
         D=d,
         BLOCK_M=config.block_m,
-        BLOCK_N=block_n,
+        BLOCK_N=blkk,
         BLKQ=blkq,
-        BLKK=blkk,
         QUANT=quant,
         PV=pv,
         DENSE=dense,
@@ -332,7 +320,6 @@ def _launch(
         ROW_SUM_MMA=config.row_sum_mma and pv == PV_FP8,
         num_warps=config.num_warps,
         num_stages=config.num_stages,
-        **({} if config.max_registers is None else {"maxnreg": config.max_registers}),
     )
     return out
 
@@ -409,10 +396,9 @@ def quantised_attention(
     if use_desc:
         d = prep.q8.shape[-1]
         q_src = TensorDescriptor.from_tensor(prep.q8, [1, config.block_m, d])
-        block_n = config.block_n or blkk
-        k_src = TensorDescriptor.from_tensor(prep.k8, [1, block_n, d])
+        k_src = TensorDescriptor.from_tensor(prep.k8, [1, blkk, d])
         if fp8:
-            v_src = TensorDescriptor.from_tensor(prep.v_fp8, [1, d, block_n])
+            v_src = TensorDescriptor.from_tensor(prep.v_fp8, [1, d, blkk])
     return _launch(
         q_src,
         k_src,
