@@ -79,7 +79,7 @@ DEFAULT_COMBINATIONS = ("row_sum_mma", "row_sum_mma+num_stages=3", "none")
 
 def config_with(base, combination: str):
     """`base` with exactly the optional flags named in `combination` ("a+b", or "none") set, and any
-    "field=integer" item (e.g. "block_n=64", "num_stages=3") assigned."""
+    "field=integer" item (e.g. "num_stages=3") assigned."""
     items = [] if combination == "none" else combination.split("+")
     assigned = dict(item.split("=", 1) for item in items if "=" in item)
     named = {item for item in items if "=" not in item}
