@@ -1,0 +1,263 @@
+"""Experiment (issue 5): does an explicitly pipelined Gluon kernel beat the tl-language sparse attention?
+
+Not used by the node pack. Gluon is Triton's low-level dialect (Triton >= 3.5, API still changing); here one
+warpgroup per 64 query rows issues the INT8 Q·Kᵀ `wgmma` of the next LUT block asynchronously before the
+softmax of the current one, with K/V tiles in a TMA ring guarded by mbarriers — the overlap the tl kernel
+cannot express (its INT8 `wgmma` is waited right after issue). Same operands, LUT and numerics as
+`sparse_attention.quantised_attention` (FP8 P·V into a fresh accumulator added in fp32, row sums of the
+fp32 weights on the CUDA cores).
+
+    python bench/gluon_attention_probe.py [--shapes 1.3b-480p,14b-720p]      # on a Hopper GPU
+
+Prints rel-L2 against the shipped kernel on the same pre-pass and LUT, and both kernels' times (do_bench,
+median, alternating rounds).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+import sys
+
+import torch
+import triton
+from _checkout import ROOT, alias_checkout_as_package
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import (
+    mbarrier,
+    tma,
+    warpgroup_mma,
+    warpgroup_mma_wait,
+)
+from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+alias_checkout_as_package()
+sys.path.insert(0, str(ROOT / "tests"))
+
+SHAPES = {"1.3b-480p": (12, 32760), "14b-720p": (40, 75600)}
+FP8_P_OFFSET = gl.constexpr(8.807)  # sla_reference.FP8_P_OFFSET
+
+
+@gluon.jit
+def _gluon_sparse_kernel(
+    q_desc,
+    k_desc,
+    v_desc,
+    q_scale_ptr,
+    k_scale_ptr,
+    v_scale_ptr,
+    lut_ptr,
+    count_ptr,
+    out_ptr,
+    H,
+    L,
+    num_q_blocks,
+    num_k_blocks,
+    k_max,
+    s_ob,
+    s_oh,
+    s_ol,
+    D: gl.constexpr,
+    BLOCK_M: gl.constexpr,
+    BLOCK_N: gl.constexpr,
+    STAGES: gl.constexpr,
+):
+    pid_m = gl.program_id(0)
+    n = gl.program_id(1)
+    qk_layout: gl.constexpr = gl.NVMMADistributedLayout(
+        version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_N, 32]
+    )
+    pv_layout: gl.constexpr = gl.NVMMADistributedLayout(
+        version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, D, 32]
+    )
+    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=pv_layout, k_width=4)
+    row_qk: gl.constexpr = gl.SliceLayout(1, qk_layout)
+    col_qk: gl.constexpr = gl.SliceLayout(0, qk_layout)
+    row_pv: gl.constexpr = gl.SliceLayout(1, pv_layout)
+    col_pv: gl.constexpr = gl.SliceLayout(0, pv_layout)
+
+    q_smem = gl.allocate_shared_memory(q_desc.dtype, q_desc.block_type.shape, q_desc.layout)
+    k_ring = gl.allocate_shared_memory(k_desc.dtype, [STAGES] + k_desc.block_type.shape, k_desc.layout)
+    v_ring = gl.allocate_shared_memory(v_desc.dtype, [STAGES] + v_desc.block_type.shape, v_desc.layout)
+    ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    for stage in gl.static_range(STAGES):
+        mbarrier.init(ready.index(stage), count=1)
+    mbarrier.init(q_bar, count=1)
+
+    row0 = pid_m * BLOCK_M
+    mbarrier.expect(q_bar, q_desc.block_type.nbytes)
+    tma.async_copy_global_to_shared(q_desc, [n * L + row0, 0], q_bar, q_smem)
+
+    lut_row = n * num_q_blocks + row0 // 64
+    steps = gl.load(count_ptr + lut_row)
+    for stage in gl.static_range(STAGES):
+        if stage < steps:
+            kb = gl.load(lut_ptr + lut_row * k_max + stage)
+            bar = ready.index(stage)
+            mbarrier.expect(bar, k_desc.block_type.nbytes + v_desc.block_type.nbytes)
+            tma.async_copy_global_to_shared(k_desc, [n * L + kb * BLOCK_N, 0], bar, k_ring.index(stage))
+            tma.async_copy_global_to_shared(v_desc, [n * D, kb * BLOCK_N], bar, v_ring.index(stage))
+
+    q_scale = gl.load(q_scale_ptr + n * num_q_blocks + row0 // 64)
+    m_i = gl.full([BLOCK_M], float("-inf"), gl.float32, layout=row_qk)
+    l_i = gl.zeros([BLOCK_M], gl.float32, layout=row_qk)
+    acc = gl.zeros([BLOCK_M, D], gl.float32, layout=pv_layout)
+    zero_s = gl.zeros([BLOCK_M, BLOCK_N], gl.int32, layout=qk_layout)
+    zero_o = gl.zeros([BLOCK_M, D], gl.float32, layout=pv_layout)
+    cols = gl.arange(0, BLOCK_N, layout=col_qk)
+
+    if steps > 0:  # an empty selection leaves `out` as it is (the sparse branch adds zero)
+        mbarrier.wait(q_bar, phase=0)
+        mbarrier.wait(ready.index(0), phase=0)
+        s_next = warpgroup_mma(q_smem, k_ring.index(0).permute((1, 0)), zero_s, use_acc=False, is_async=True)
+        for i in range(steps):
+            slot = i % STAGES
+            s_int = warpgroup_mma_wait(num_outstanding=0, deps=(s_next,))
+            if i + 1 < steps:
+                nxt = (i + 1) % STAGES
+                mbarrier.wait(ready.index(nxt), phase=((i + 1) // STAGES) & 1)
+                s_next = warpgroup_mma(
+                    q_smem, k_ring.index(nxt).permute((1, 0)), zero_s, use_acc=False, is_async=True
+                )
+            kb = gl.load(lut_ptr + lut_row * k_max + i)
+            scale = q_scale * gl.load(k_scale_ptr + n * num_k_blocks + kb)
+            scores = s_int.to(gl.float32)
+            keys = kb * BLOCK_N + cols
+            scores = gl.where(gl.expand_dims(keys < L, 0), scores, float("-inf"))
+            m_new = gl.maximum(m_i, gl.max(scores, axis=1) * scale)
+            p = gl.exp2(scores * scale + gl.expand_dims(FP8_P_OFFSET - m_new, 1))
+            alpha = gl.exp2(m_i - m_new)
+            l_i = l_i * alpha + gl.sum(p, axis=1)
+            p8 = gl.convert_layout(p.to(gl.float8e4nv), p_layout)
+            o = warpgroup_mma(p8, v_ring.index(slot).permute((1, 0)), zero_o, use_acc=False, is_async=True)
+            o = warpgroup_mma_wait(num_outstanding=0, deps=(o,))
+            acc = acc * gl.expand_dims(gl.convert_layout(alpha, row_pv), 1) + o
+            m_i = m_new
+            refill = i + STAGES
+            if refill < steps:
+                kb2 = gl.load(lut_ptr + lut_row * k_max + refill)
+                mbarrier.expect(ready.index(slot), k_desc.block_type.nbytes + v_desc.block_type.nbytes)
+                tma.async_copy_global_to_shared(
+                    k_desc, [n * L + kb2 * BLOCK_N, 0], ready.index(slot), k_ring.index(slot)
+                )
+                tma.async_copy_global_to_shared(
+                    v_desc, [n * D, kb2 * BLOCK_N], ready.index(slot), v_ring.index(slot)
+                )
+
+        l_pv = gl.convert_layout(l_i, row_pv)
+        dims = gl.arange(0, D, layout=col_pv)
+        out = acc / gl.expand_dims(gl.where(l_pv > 0, l_pv, 1.0), 1)
+        out = out * gl.expand_dims(gl.load(v_scale_ptr + n * D + dims), 0)
+        rows = row0 + gl.arange(0, BLOCK_M, layout=row_pv)
+        b = n // H
+        h = n % H
+        ptrs = (
+            out_ptr
+            + b.to(gl.int64) * s_ob
+            + h * s_oh
+            + gl.expand_dims(rows.to(gl.int64) * s_ol, 1)
+            + gl.expand_dims(dims, 0)
+        )
+        previous = gl.load(ptrs, mask=gl.expand_dims(rows < L, 1), other=0.0)
+        gl.store(ptrs, (out + previous.to(gl.float32)).to(gl.bfloat16), mask=gl.expand_dims(rows < L, 1))
+
+
+def gluon_sparse_attention(prep, out, lut, counts, stages: int = 2):
+    """Adds the sparse branch to `out` (B, L, H, D), like quantised_attention(..., accumulate=True)."""
+    n, length, d = prep.q8.shape
+    batch, _, heads, _ = out.shape
+    q2 = prep.q8.reshape(n * length, d)
+    k2 = prep.k8.reshape(n * length, d)
+    v2 = prep.v_fp8.reshape(n * d, prep.v_fp8.shape[-1])
+    q_desc = TensorDescriptor.from_tensor(q2, [64, d], gl.NVMMASharedLayout.get_default_for([64, d], gl.int8))
+    k_desc = TensorDescriptor.from_tensor(
+        k2, [128, d], gl.NVMMASharedLayout.get_default_for([128, d], gl.int8)
+    )
+    v_desc = TensorDescriptor.from_tensor(
+        v2, [d, 128], gl.NVMMASharedLayout.get_default_for([d, 128], gl.float8e4nv)
+    )
+    num_q_blocks = triton.cdiv(length, 64)
+    num_k_blocks = triton.cdiv(length, 128)
+    _gluon_sparse_kernel[(num_q_blocks, n)](
+        q_desc,
+        k_desc,
+        v_desc,
+        prep.q_scale,
+        prep.k_scale,
+        prep.v_scale,
+        lut,
+        counts,
+        out,
+        heads,
+        length,
+        num_q_blocks,
+        num_k_blocks,
+        lut.shape[-1],
+        out.stride(0),
+        out.stride(2),
+        out.stride(1),
+        D=d,
+        BLOCK_M=64,
+        BLOCK_N=128,
+        STAGES=stages,
+        num_warps=4,
+    )
+    return out
+
+
+def probe_shape(shape: str, topk: float) -> None:
+    from attention_inputs import dit_like_qkv, random_projection
+    from comfyui_turbodiffusion.turbo_kernels import sla_reference as R
+    from comfyui_turbodiffusion.turbo_kernels.block_select import select_blocks
+    from comfyui_turbodiffusion.turbo_kernels.sage_prepass import sage_prepass
+    from comfyui_turbodiffusion.turbo_kernels.sparse_attention import quantised_attention
+    from triton.testing import do_bench
+
+    heads, length = SHAPES[shape]
+    q, k, v = dit_like_qkv(1, length, heads, 128, seed=3, device="cuda")
+    proj = random_projection(128, seed=5, device="cuda")
+    linear = torch.empty_like(q)
+    prep = sage_prepass(q, k, v, R.HOPPER_RECIPE, proj_l=proj, linear_out=linear)
+    k_sel = R.selected_block_count(prep.pooled_k.shape[1], topk)
+    lut, counts = select_blocks(prep.pooled_q, prep.pooled_k, k_sel)
+    out_tl, out_gl = linear.clone(), linear.clone()
+    quantised_attention(prep, v, out_tl, 64, 128, lut=lut, counts=counts, accumulate=True)
+    gluon_sparse_attention(prep, out_gl, lut, counts)
+    rel = ((out_gl.float() - out_tl.float()).norm() / out_tl.float().norm()).item()
+    print(f"{shape}: gluon vs tl kernel rel-L2 {rel:.2e}, finite {bool(out_gl.isfinite().all())}")
+    work = torch.empty_like(q)
+    variants = {
+        "tl kernel (shipped)": lambda: quantised_attention(
+            prep, v, work, 64, 128, lut=lut, counts=counts, accumulate=True
+        ),
+        "gluon 2 stages": lambda: gluon_sparse_attention(prep, work, lut, counts, 2),
+        "gluon 3 stages": lambda: gluon_sparse_attention(prep, work, lut, counts, 3),
+    }
+    times = {name: [] for name in variants}
+    for _ in range(3):
+        for name, fn in variants.items():
+            times[name].append(do_bench(fn, warmup=10, rep=200, return_mode="median"))
+    real = 4.0 * 128 * 64 * 128 * heads * math.ceil(length / 64) * k_sel
+    for name, t in times.items():
+        ms = statistics.median(t)
+        print(f"  {name:22s} {ms:8.3f} ms  real {real / ms / 1e9:7.1f} TOPS")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--shapes", default=",".join(SHAPES))
+    parser.add_argument("--topk", type=float, default=0.1)
+    args = parser.parse_args()
+    torch.set_grad_enabled(False)
+    for shape in args.shapes.split(","):
+        probe_shape(shape, args.topk)
+        torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()
