@@ -87,6 +87,9 @@ def config_with(base, combination: str):
     unknown = (named - set(optional_flags())) | (set(assigned) - fields)
     if unknown:
         raise SystemExit(f"unknown KernelConfig fields {sorted(unknown)}; known: {sorted(fields)}")
+    not_integers = sorted(f"{name}={value}" for name, value in assigned.items() if not value.isdigit())
+    if not_integers:
+        raise SystemExit(f"{not_integers}: a field=value item needs a non-negative integer value")
     flags = {flag: flag in named for flag in optional_flags()}
     return dataclasses.replace(base, **flags, **{name: int(value) for name, value in assigned.items()})
 

@@ -36,8 +36,22 @@ from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 alias_checkout_as_package()
 sys.path.insert(0, str(ROOT / "tests"))
 
+from comfyui_turbodiffusion.turbo_kernels import sla_reference as R  # noqa: E402
+
 SHAPES = {"1.3b-480p": (12, 32760), "14b-720p": (40, 75600)}
-FP8_P_OFFSET = gl.constexpr(8.807)  # sla_reference.FP8_P_OFFSET
+FP8_P_OFFSET = gl.constexpr(R.FP8_P_OFFSET)
+RECIPE = R.HOPPER_RECIPE  # 64-row query blocks, 128-key key blocks, FP8 P·V
+
+
+@gluon.jit
+def _load_tiles(k_desc, v_desc, k_ring, v_ring, ready, lut_ptr, lut_row, k_max, n, L, step, slot, D, BLOCK_N):
+    """TMA of the K tile and the Vᵀ tile of LUT entry `step` into ring slot `slot`, signalled on ready[slot].
+    q8/k8 are flattened to (N·L, D): a tail tile reads the next head's first keys, masked as keys >= L."""
+    kb = gl.load(lut_ptr + lut_row * k_max + step)
+    bar = ready.index(slot)
+    mbarrier.expect(bar, k_desc.block_type.nbytes + v_desc.block_type.nbytes)
+    tma.async_copy_global_to_shared(k_desc, [n * L + kb * BLOCK_N, 0], bar, k_ring.index(slot))
+    tma.async_copy_global_to_shared(v_desc, [n * D, kb * BLOCK_N], bar, v_ring.index(slot))
 
 
 @gluon.jit
@@ -91,17 +105,15 @@ def _gluon_sparse_kernel(
     mbarrier.expect(q_bar, q_desc.block_type.nbytes)
     tma.async_copy_global_to_shared(q_desc, [n * L + row0, 0], q_bar, q_smem)
 
-    lut_row = n * num_q_blocks + row0 // 64
+    lut_row = n * num_q_blocks + pid_m  # BLOCK_M is the query block of the LUT
     steps = gl.load(count_ptr + lut_row)
     for stage in gl.static_range(STAGES):
         if stage < steps:
-            kb = gl.load(lut_ptr + lut_row * k_max + stage)
-            bar = ready.index(stage)
-            mbarrier.expect(bar, k_desc.block_type.nbytes + v_desc.block_type.nbytes)
-            tma.async_copy_global_to_shared(k_desc, [n * L + kb * BLOCK_N, 0], bar, k_ring.index(stage))
-            tma.async_copy_global_to_shared(v_desc, [n * D, kb * BLOCK_N], bar, v_ring.index(stage))
+            _load_tiles(
+                k_desc, v_desc, k_ring, v_ring, ready, lut_ptr, lut_row, k_max, n, L, stage, stage, D, BLOCK_N
+            )
 
-    q_scale = gl.load(q_scale_ptr + n * num_q_blocks + row0 // 64)
+    q_scale = gl.load(q_scale_ptr + lut_row)
     m_i = gl.full([BLOCK_M], float("-inf"), gl.float32, layout=row_qk)
     l_i = gl.zeros([BLOCK_M], gl.float32, layout=row_qk)
     acc = gl.zeros([BLOCK_M, D], gl.float32, layout=pv_layout)
@@ -136,15 +148,22 @@ def _gluon_sparse_kernel(
             o = warpgroup_mma_wait(num_outstanding=0, deps=(o,))
             acc = acc * gl.expand_dims(gl.convert_layout(alpha, row_pv), 1) + o
             m_i = m_new
-            refill = i + STAGES
-            if refill < steps:
-                kb2 = gl.load(lut_ptr + lut_row * k_max + refill)
-                mbarrier.expect(ready.index(slot), k_desc.block_type.nbytes + v_desc.block_type.nbytes)
-                tma.async_copy_global_to_shared(
-                    k_desc, [n * L + kb2 * BLOCK_N, 0], ready.index(slot), k_ring.index(slot)
-                )
-                tma.async_copy_global_to_shared(
-                    v_desc, [n * D, kb2 * BLOCK_N], ready.index(slot), v_ring.index(slot)
+            if i + STAGES < steps:  # slot free again: both of its MMAs have completed
+                _load_tiles(
+                    k_desc,
+                    v_desc,
+                    k_ring,
+                    v_ring,
+                    ready,
+                    lut_ptr,
+                    lut_row,
+                    k_max,
+                    n,
+                    L,
+                    i + STAGES,
+                    slot,
+                    D,
+                    BLOCK_N,
                 )
 
         l_pv = gl.convert_layout(l_i, row_pv)
@@ -168,19 +187,22 @@ def _gluon_sparse_kernel(
 def gluon_sparse_attention(prep, out, lut, counts, stages: int = 2, max_registers: int | None = None):
     """Adds the sparse branch to `out` (B, L, H, D), like quantised_attention(..., accumulate=True)."""
     n, length, d = prep.q8.shape
-    batch, _, heads, _ = out.shape
+    heads = out.shape[2]
+    blkq, blkk = RECIPE.blkq, RECIPE.blkk
     q2 = prep.q8.reshape(n * length, d)
     k2 = prep.k8.reshape(n * length, d)
     v2 = prep.v_fp8.reshape(n * d, prep.v_fp8.shape[-1])
-    q_desc = TensorDescriptor.from_tensor(q2, [64, d], gl.NVMMASharedLayout.get_default_for([64, d], gl.int8))
+    q_desc = TensorDescriptor.from_tensor(
+        q2, [blkq, d], gl.NVMMASharedLayout.get_default_for([blkq, d], gl.int8)
+    )
     k_desc = TensorDescriptor.from_tensor(
-        k2, [128, d], gl.NVMMASharedLayout.get_default_for([128, d], gl.int8)
+        k2, [blkk, d], gl.NVMMASharedLayout.get_default_for([blkk, d], gl.int8)
     )
     v_desc = TensorDescriptor.from_tensor(
-        v2, [d, 128], gl.NVMMASharedLayout.get_default_for([d, 128], gl.float8e4nv)
+        v2, [d, blkk], gl.NVMMASharedLayout.get_default_for([d, blkk], gl.float8e4nv)
     )
-    num_q_blocks = triton.cdiv(length, 64)
-    num_k_blocks = triton.cdiv(length, 128)
+    num_q_blocks = triton.cdiv(length, blkq)
+    num_k_blocks = triton.cdiv(length, blkk)
     _gluon_sparse_kernel[(num_q_blocks, n)](
         q_desc,
         k_desc,
@@ -200,8 +222,8 @@ def gluon_sparse_attention(prep, out, lut, counts, stages: int = 2, max_register
         out.stride(2),
         out.stride(1),
         D=d,
-        BLOCK_M=64,
-        BLOCK_N=128,
+        BLOCK_M=blkq,
+        BLOCK_N=blkk,
         STAGES=stages,
         num_warps=4,
         **({} if max_registers is None else {"maxnreg": max_registers}),
@@ -211,7 +233,6 @@ def gluon_sparse_attention(prep, out, lut, counts, stages: int = 2, max_register
 
 def probe_shape(shape: str, topk: float) -> None:
     from attention_inputs import dit_like_qkv, random_projection
-    from comfyui_turbodiffusion.turbo_kernels import sla_reference as R
     from comfyui_turbodiffusion.turbo_kernels.block_select import select_blocks
     from comfyui_turbodiffusion.turbo_kernels.sage_prepass import sage_prepass
     from comfyui_turbodiffusion.turbo_kernels.sparse_attention import quantised_attention
@@ -221,18 +242,18 @@ def probe_shape(shape: str, topk: float) -> None:
     q, k, v = dit_like_qkv(1, length, heads, 128, seed=3, device="cuda")
     proj = random_projection(128, seed=5, device="cuda")
     linear = torch.empty_like(q)
-    prep = sage_prepass(q, k, v, R.HOPPER_RECIPE, proj_l=proj, linear_out=linear)
+    prep = sage_prepass(q, k, v, RECIPE, proj_l=proj, linear_out=linear)
     k_sel = R.selected_block_count(prep.pooled_k.shape[1], topk)
     lut, counts = select_blocks(prep.pooled_q, prep.pooled_k, k_sel)
     out_tl, out_gl = linear.clone(), linear.clone()
-    quantised_attention(prep, v, out_tl, 64, 128, lut=lut, counts=counts, accumulate=True)
+    quantised_attention(prep, v, out_tl, RECIPE.blkq, RECIPE.blkk, lut=lut, counts=counts, accumulate=True)
     gluon_sparse_attention(prep, out_gl, lut, counts)
     rel = ((out_gl.float() - out_tl.float()).norm() / out_tl.float().norm()).item()
     print(f"{shape}: gluon vs tl kernel rel-L2 {rel:.2e}, finite {bool(out_gl.isfinite().all())}")
     work = torch.empty_like(q)
     variants = {
         "tl kernel (shipped)": lambda: quantised_attention(
-            prep, v, work, 64, 128, lut=lut, counts=counts, accumulate=True
+            prep, v, work, RECIPE.blkq, RECIPE.blkk, lut=lut, counts=counts, accumulate=True
         ),
         "gluon 2 stages": lambda: gluon_sparse_attention(prep, work, lut, counts, 2),
         "gluon 3 stages": lambda: gluon_sparse_attention(prep, work, lut, counts, 3),
@@ -243,7 +264,7 @@ def probe_shape(shape: str, topk: float) -> None:
     for _ in range(3):
         for name, fn in variants.items():
             times[name].append(do_bench(fn, warmup=10, rep=200, return_mode="median"))
-    real = 4.0 * 128 * 64 * 128 * heads * math.ceil(length / 64) * k_sel
+    real = 4.0 * 128 * RECIPE.blkq * RECIPE.blkk * heads * math.ceil(length / RECIPE.blkq) * k_sel
     compiled = {}
     for caches in getattr(_gluon_sparse_kernel, "device_caches", {}).values():
         compiled.update(caches[0] if isinstance(caches, tuple) else caches)
