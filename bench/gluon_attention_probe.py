@@ -55,6 +55,13 @@ def _load_tiles(k_desc, v_desc, k_ring, v_ring, ready, lut_ptr, lut_row, k_max, 
 
 
 @gluon.jit
+def _operand_key_order(p, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr):
+    """P̃'s columns in V̂ᵀ's key order (the Gluon twin of `sparse_attention._operand_key_order`)."""
+    x = gl.reshape(p, [BLOCK_M, BLOCK_N // 16, 2, 2, 2, 2])
+    return gl.reshape(gl.permute(x, (0, 1, 3, 4, 2, 5)), [BLOCK_M, BLOCK_N])
+
+
+@gluon.jit
 def _gluon_sparse_kernel(
     q_desc,
     k_desc,
@@ -143,7 +150,7 @@ def _gluon_sparse_kernel(
             p = gl.exp2(scores * scale + gl.expand_dims(FP8_P_OFFSET - m_new, 1))
             alpha = gl.exp2(m_i - m_new)
             l_i = l_i * alpha + gl.sum(p, axis=1)
-            p8 = gl.convert_layout(p.to(gl.float8e4nv), p_layout)
+            p8 = gl.convert_layout(_operand_key_order(p.to(gl.float8e4nv), BLOCK_M, BLOCK_N), p_layout)
             o = warpgroup_mma(p8, v_ring.index(slot).permute((1, 0)), zero_o, use_acc=False, is_async=True)
             o = warpgroup_mma_wait(num_outstanding=0, deps=(o,))
             acc = acc * gl.expand_dims(gl.convert_layout(alpha, row_pv), 1) + o

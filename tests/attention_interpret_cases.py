@@ -54,13 +54,16 @@ def prepass_cases(out: dict) -> None:
     k8, k_scale = R.quantize_int8_blocks(kh.float() - kh.float().mean(dim=1, keepdim=True), HOPPER_LIKE.blkk)
     v8, v_scale = R.quantize_values(vh, "fp8")
     sm = R.LOG2E / math.sqrt(D)
+    v_by_key = torch.empty_like(prep.v_fp8.float())
+    v_by_key[:, :, R.fp8_column_keys(v_by_key.shape[-1])] = prep.v_fp8.float()
     out["prepass"] = {
         "q8_mismatch": int((prep.q8.float() != q8.reshape(2, -1, D)[:, :300]).sum()),
         "k8_mismatch": int((prep.k8.float() != k8.reshape(2, -1, D)[:, :300]).sum()),
         "q_scale_err": float((prep.q_scale / sm - q_scale).abs().max() / q_scale.max()),
         "k_scale_err": float((prep.k_scale - k_scale).abs().max() / k_scale.max()),
-        "v8_mismatch": int((prep.v_fp8.float()[:, :, :300].transpose(1, 2) != v8).sum()),
-        "v_pad_nonzero": int((prep.v_fp8.float()[:, :, 300:] != 0).sum()),
+        "v8_mismatch": int((v_by_key[:, :, :300].transpose(1, 2) != v8).sum()),
+        "v_pad_nonzero": int((v_by_key[:, :, 300:] != 0).sum()),
+        "v_columns_in_key_order": bool((prep.v_fp8.float()[:, :, :300].transpose(1, 2) == v8).all()),
         "v_scale_err": float((prep.v_scale - v_scale).abs().max()),
         "pooled_err": float(
             max(

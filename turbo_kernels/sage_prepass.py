@@ -15,7 +15,10 @@ Everything the block-sparse attention kernel consumes, produced per call from bf
    pair). For q it also writes the linear branch proj_l(O_lin) = φ(q)·KV' / (φ(q)·Z + 1e-5) + b into the
    output tensor, which the attention kernel then accumulates into (keeps the attention epilogue small).
 3. `quantise_values_fp8`: V / s_v -> E4M3 (round to nearest even, saturating), stored transposed and
-   zero-padded as (N, D, L_pad), L_pad = ceil(L/128)·128, the K-contiguous layout the FP8 P·V dot wants.
+   zero-padded as (N, D, L_pad), L_pad = ceil(L/128)·128, the K-contiguous layout the FP8 P·V dot wants,
+   with the keys of every 16 in `value_key_order` (column c holds key `fp8_column_key(c)`): the attention
+   kernel permutes the columns of P̃ the same way, which makes its tensor-core operand a register renaming
+   of the Q·Kᵀ accumulator (no shuffles; see `sparse_attention`).
 
 Layouts: inputs may be any (B, L, H, D) view whose last dimension is contiguous; N = B·H, n = b·H + h.
 Reference: `sla_reference` (`pooled_queries_keys`, `quantize_int8_blocks`, `quantize_values`,
@@ -251,6 +254,17 @@ def _pool_quantise_kernel(
 
 
 @triton.jit
+def fp8_column_key(column):
+    """The key whose values column `column` of V̂ᵀ holds (a permutation of each aligned group of 16).
+
+    The FP8 P·V operand from registers holds, per thread, keys 4t..4t+3 (+16) of each 32-key step, while
+    the Q·Kᵀ accumulator holds keys 2t, 2t+1 of every 8: the bits (c0, c1, c2, c3) of a column within its
+    16-group name key bits (c0, c2, c3, c1). PyTorch twin: `sla_reference.fp8_column_keys`."""
+    low = column & 15
+    return (column - low) | (low & 1) | ((low >> 2) & 1) << 1 | ((low >> 3) & 1) << 2 | ((low >> 1) & 1) << 3
+
+
+@triton.jit
 def _values_fp8_kernel(
     v_ptr,
     scale_ptr,
@@ -270,7 +284,8 @@ def _values_fp8_kernel(
     b = (n // H).to(tl.int64)
     h = (n % H).to(tl.int64)
     dims = tl.arange(0, D)
-    rows = t * TILE + tl.arange(0, TILE)
+    columns = t * TILE + tl.arange(0, TILE)
+    rows = fp8_column_key(columns)
     v = tl.load(
         v_ptr + b * s_b + h * s_h + rows[:, None].to(tl.int64) * s_l + dims[None, :],
         mask=(rows < L)[:, None],
@@ -278,7 +293,7 @@ def _values_fp8_kernel(
     ).to(tl.float32)
     scale = tl.load(scale_ptr + n.to(tl.int64) * D + dims)
     v8 = to_e4m3(v / scale[None, :], INTERPRET)
-    tl.store(vt_ptr + (n.to(tl.int64) * D + dims[:, None]) * L_PAD + rows[None, :], tl.trans(v8))
+    tl.store(vt_ptr + (n.to(tl.int64) * D + dims[:, None]) * L_PAD + columns[None, :], tl.trans(v8))
 
 
 @dataclass
@@ -462,7 +477,8 @@ def pool_and_quantise(
 
 
 def quantise_values_fp8(v: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """E4M3 V / scale, transposed and zero-padded: (N, D, L_pad) float8_e4m3fn, L_pad = ceil(L/128)·128."""
+    """E4M3 V / scale, transposed and zero-padded: (N, D, L_pad) float8_e4m3fn, L_pad = ceil(L/128)·128,
+    column c holding key fp8_column_key(c)."""
     batch, length, heads, d = v.shape
     n = batch * heads
     padded = triton.cdiv(length, _V_PAD) * _V_PAD

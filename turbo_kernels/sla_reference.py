@@ -226,6 +226,15 @@ def quantize_values(vh: torch.Tensor, pv_dtype: str):
     return (v / scale[:, None, :]).to(torch.float8_e4m3fn).float(), scale
 
 
+def fp8_column_keys(columns: int) -> torch.Tensor:
+    """The key each column of the FP8 V̂ᵀ operand holds (`sage_prepass.quantise_values_fp8`): inside every
+    aligned group of 16, column bits (c0, c1, c2, c3) hold key bits (c0, c2, c3, c1)."""
+    column = torch.arange(columns)
+    low = column % 16
+    bits = [(low >> i) & 1 for i in range(4)]
+    return column - low + bits[0] + (bits[2] << 1) + (bits[3] << 2) + (bits[1] << 3)
+
+
 def _round_p(p: torch.Tensor, pv_dtype: str) -> torch.Tensor:
     target = torch.float8_e4m3fn if pv_dtype == "fp8" else torch.float16
     return p.to(target).float()

@@ -5,8 +5,9 @@ One kernel, specialised by constexpr flags:
 * QUANT: INT8 Q·Kᵀ (q8/k8 from `sage_prepass`, INT32 accumulate, one fp32 scale per block pair with
   sm_scale·log2e folded into the q scale) or bf16 Q·Kᵀ straight from the (B, L, H, D) inputs (`sla`).
 * PV: 0 = bf16 P·V from the input V (`sla`), 1 = fp16 P and V (Ampere SageSLA, no E4M3 there),
-  2 = E4M3 P̃·V̂ with P̃ = 2^(s - m + 8.807) in [0, 448] and V̂ transposed (N, D, L_pad); each block's FP8 product
-  goes into a fresh accumulator that is added in fp32 (`acc += tl.dot(p8, v8)`, the two-level scheme).
+  2 = E4M3 P̃·V̂ with P̃ = 2^(s - m + 8.807) in [0, 448] and V̂ transposed (N, D, L_pad), keys interleaved per
+  16 as below; each block's FP8 product goes into a fresh accumulator that is added in fp32
+  (`acc += tl.dot(p8, v8)`, the two-level scheme).
 * DENSE: iterate over all key blocks instead of the LUT (SageAttention-style dense path).
 * ACCUMULATE: add the result to what the output already holds: the q pre-pass writes the SLA linear branch
   there (computing it in this epilogue, from the bf16 q tile, cost 255 registers and spills on H100, so it was
@@ -24,9 +25,12 @@ there because the interpreter mishandles them, KERNELS.md §4.9) and by bench/at
 Reference: `sla_reference.block_sparse_attention` / `sage_sparse_attention` / `linear_branch`.
 * ROW_SUM_MMA (FP8 P·V): the row sums l come from the tensor cores (P̃ times a ones column), so numerator
   and denominator use the same FP8-rounded weights.
+* FP8 P·V: V̂ᵀ stores the keys of each 16 interleaved (`sage_prepass.fp8_column_key`) and P̃'s columns are
+  permuted the same way (`_operand_key_order`), so the register operand is the accumulator's registers.
 Per key block the loop is bound by instruction issue on Hopper: the logit scale is folded into the exponent's
 multiply-add and the row max of the raw scores, the rescale of the accumulator and the add of the block's
-FP8 product are one multiply-add (SASS, sm90: 828 -> 663 instructions per key block with ROW_SUM_MMA).
+FP8 product are one multiply-add, P̃ reaches the FP8 dot without shuffles and the row sums stay a [BLOCK_M, 16]
+tile until the end (SASS, sm90: 828 -> 663 instructions per key block with ROW_SUM_MMA -> 592).
 Measured (2026-11-21, Triton 3.6, bench/RESULTS.md): H100/H200 with the Hopper config (64x128, 4 warps,
 2 stages, TMA) 0.93 ms at 1.3B-480p top-k 0.1 (~700 real TOPS) and 10.2 ms dense before that change,
 0.88 ms after it (bench/attention_ab.py); pointer loads 15-20 % slower. Not yet run on sm80/86/89/120:
@@ -77,6 +81,17 @@ class KernelConfig:
 HOPPER_CONFIG = KernelConfig(block_m=64, num_warps=4, num_stages=2, row_sum_mma=True)
 # Everything else: 128-row tiles, 8 warps, 3 stages (SageAttention v1 / TurboDiffusion's SLA kernel).
 GENERIC_CONFIG = KernelConfig(block_m=128, num_warps=8, num_stages=3)
+
+
+@triton.jit
+def _operand_key_order(p, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """P̃'s columns in the order of `sage_prepass.fp8_column_key` (V̂ᵀ's key order): column bits
+    (c0, c1, c2, c3) take key bits (c0, c2, c3, c1). That is the 8-bit register operand's layout read off the
+    Q·Kᵀ accumulator's registers as they are, so the conversion costs no shuffles (sm90 SASS: 16 SHFL,
+    16 SEL and 16 PRMT per key block fewer; any order is exact, the dot sums over the keys)."""
+    x = p.reshape(BLOCK_M, BLOCK_N // 16, 2, 2, 2, 2)
+    x = x.permute(0, 1, 3, 4, 2, 5)
+    return x.reshape(BLOCK_M, BLOCK_N)
 
 
 @triton.jit
@@ -163,6 +178,7 @@ def _sparse_attention_kernel(
     if ROW_SUM_MMA:
         ones = tl.where(tl.arange(0, 16)[None, :] == 0, 1.0, 0.0) + tl.zeros([BLOCK_N, 16], tl.float32)
         ones = to_e4m3(ones, INTERPRET)
+        l_tile = tl.zeros([BLOCK_M, 16], dtype=tl.float32)
     for i in range(steps):
         if DENSE:
             kb = i
@@ -202,9 +218,11 @@ def _sparse_attention_kernel(
             if not ROW_SUM_MMA:  # summed before the FP8 copy exists: p and p8 are never live together
                 l_i = l_i * alpha + tl.sum(p, axis=1)
             p8 = to_e4m3(p, INTERPRET)
+            p8 = _operand_key_order(p8, BLOCK_M, BLOCK_N)  # V̂ᵀ holds its keys in the same order
             if ROW_SUM_MMA:
-                # ones: [BLOCK_N, 16] with a single column of ones; the other columns add zeros.
-                l_i = l_i * alpha + tl.sum(tl.dot(p8, ones), axis=1)
+                # ones: [BLOCK_N, 16] with a single column of ones, the other columns add zeros; the
+                # [BLOCK_M, 16] partial sums are reduced once after the loop (no shuffles per step).
+                l_tile = l_tile * alpha[:, None] + tl.dot(p8, ones)
             # Rescale and add the block's fresh FP8 product in one multiply-add.
             acc = acc * alpha[:, None] + tl.dot(p8, tl.trans(vt))
         else:
@@ -223,6 +241,8 @@ def _sparse_attention_kernel(
                 acc = tl.dot(p.to(v.dtype), v, acc)
         m_i = m_new
 
+    if ROW_SUM_MMA:
+        l_i = tl.sum(l_tile, axis=1)
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     if PV == PV_FP8:
         out = out * tl.load(v_scale_ptr + n64 * D + dims)[None, :]
