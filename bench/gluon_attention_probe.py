@@ -1,11 +1,19 @@
 """Experiment (issue 5): does an explicitly pipelined Gluon kernel beat the tl-language sparse attention?
 
 Not used by the node pack. Gluon is Triton's low-level dialect (Triton >= 3.5, API still changing); here one
-warpgroup per 64 query rows issues the INT8 Q·Kᵀ `wgmma` of the next LUT block asynchronously before the
-softmax of the current one, with K/V tiles in a TMA ring guarded by mbarriers — the overlap the tl kernel
-cannot express (its INT8 `wgmma` is waited right after issue). Same operands, LUT and numerics as
-`sparse_attention.quantised_attention` (FP8 P·V into a fresh accumulator added in fp32, row sums of the
-fp32 weights on the CUDA cores).
+warpgroup per 64 query rows, K/V tiles in a TMA ring guarded by mbarriers, and FlashAttention-3's order: the
+INT8 Q·Kᵀ `wgmma` of block j and the FP8 P̃·V̂ `wgmma` of block j−1 are issued together, and the softmax of
+block j runs while P̃·V̂ of block j−1 is on the tensor cores (the tl kernel waits for every `wgmma` right
+after issue). Same operands, LUT and numerics as `sparse_attention.quantised_attention` (keys in V̂ᵀ's
+order, row sums from the tensor cores, optionally the two-level accumulation).
+
+State (2026-11-21, Triton 3.6 with its ptxas 12.8, compiled for sm90a on the CPU machine): 253-255
+registers and ptxas reports C7514 "wgmma.mma_async instructions are serialized due to non wgmma
+instructions reading accumulator registers of a wgmma between start and end of the pipeline stage" — it
+then waits after every `wgmma`, so the overlap this kernel exists for is gone; waiting for Q·Kᵀ with
+`num_outstanding=0` instead of 2 compiles without the warning (no overlap either). Not measured on the GPU
+in this form; the first version (Q·Kᵀ of block j+1 issued before the softmax of block j, CUDA-core row
+sums, natural key order) ran at 575-645 vs 731-752 real TOPS for the tl kernel (bench/RESULTS.md).
 
     python bench/gluon_attention_probe.py [--shapes 1.3b-480p,14b-720p]      # on a Hopper GPU
 
@@ -26,6 +34,7 @@ from _checkout import ROOT, alias_checkout_as_package
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import (
+    fence_async_shared,
     mbarrier,
     tma,
     warpgroup_mma,
@@ -62,6 +71,17 @@ def _operand_key_order(p, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr):
 
 
 @gluon.jit
+def _block_softmax(s_int, m_prev, kb, scale, cols, L, BLOCK_N: gl.constexpr):
+    """P̃ = 2^(s·scale − m + 8.807) of one key block (fp32), the new row max and the rescale factor."""
+    scores = s_int.to(gl.float32)
+    if kb * BLOCK_N + BLOCK_N > L:
+        scores = gl.where(gl.expand_dims(kb * BLOCK_N + cols < L, 0), scores, float("-inf"))
+    m_new = gl.maximum(m_prev, gl.max(scores, axis=1) * scale)
+    p = gl.exp2(scores * scale + gl.expand_dims(FP8_P_OFFSET - m_new, 1))
+    return p, m_new, gl.exp2(m_prev - m_new)
+
+
+@gluon.jit
 def _gluon_sparse_kernel(
     q_desc,
     k_desc,
@@ -84,7 +104,13 @@ def _gluon_sparse_kernel(
     BLOCK_M: gl.constexpr,
     BLOCK_N: gl.constexpr,
     STAGES: gl.constexpr,
+    TWO_LEVEL: gl.constexpr,
 ):
+    """FlashAttention-3's intra-warpgroup order: Q·Kᵀ of block j and P̃·V̂ of block j−1 are issued together,
+    then the softmax of block j runs on the CUDA cores while P̃·V̂ of block j−1 runs on the tensor cores.
+    TWO_LEVEL: accumulation as the tl kernel (each P̃·V̂ into a fresh accumulator, added in fp32: 64 more
+    registers); otherwise the accumulator is rescaled and the tensor cores add into it (KERNELS.md §1.9:
+    0.0403 vs 0.0398 rel-L2). Row sums from the tensor cores (P̃ times a ones column), a [BLOCK_M, 16] tile."""
     pid_m = gl.program_id(0)
     n = gl.program_id(1)
     qk_layout: gl.constexpr = gl.NVMMADistributedLayout(
@@ -93,11 +119,17 @@ def _gluon_sparse_kernel(
     pv_layout: gl.constexpr = gl.NVMMADistributedLayout(
         version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, D, 32]
     )
+    sum_layout: gl.constexpr = gl.NVMMADistributedLayout(
+        version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, 16, 32]
+    )
     p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=pv_layout, k_width=4)
+    p_sum_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=sum_layout, k_width=4)
     row_qk: gl.constexpr = gl.SliceLayout(1, qk_layout)
     col_qk: gl.constexpr = gl.SliceLayout(0, qk_layout)
     row_pv: gl.constexpr = gl.SliceLayout(1, pv_layout)
     col_pv: gl.constexpr = gl.SliceLayout(0, pv_layout)
+    row_sum: gl.constexpr = gl.SliceLayout(1, sum_layout)
+    ones_layout: gl.constexpr = gl.BlockedLayout([1, 16], [16, 2], [4, 1], [1, 0])
 
     q_smem = gl.allocate_shared_memory(q_desc.dtype, q_desc.block_type.shape, q_desc.layout)
     k_ring = gl.allocate_shared_memory(k_desc.dtype, [STAGES] + k_desc.block_type.shape, k_desc.layout)
@@ -107,6 +139,18 @@ def _gluon_sparse_kernel(
     for stage in gl.static_range(STAGES):
         mbarrier.init(ready.index(stage), count=1)
     mbarrier.init(q_bar, count=1)
+    # Vᵀ-shaped ones for the row sums: row 0 of [16, BLOCK_N] is ones, the other rows add zeros.
+    ones_rows = gl.arange(0, 16, layout=gl.SliceLayout(1, ones_layout))
+    ones = gl.zeros([16, BLOCK_N], gl.float32, layout=ones_layout) + gl.expand_dims(
+        gl.where(ones_rows == 0, 1.0, 0.0), 1
+    )
+    ones_smem = gl.allocate_shared_memory(
+        gl.float8e4nv,
+        [16, BLOCK_N],
+        gl.NVMMASharedLayout.get_default_for([16, BLOCK_N], gl.float8e4nv),
+        ones.to(gl.float8e4nv),
+    )
+    fence_async_shared()
 
     row0 = pid_m * BLOCK_M
     mbarrier.expect(q_bar, q_desc.block_type.nbytes)
@@ -121,41 +165,52 @@ def _gluon_sparse_kernel(
             )
 
     q_scale = gl.load(q_scale_ptr + lut_row)
-    m_i = gl.full([BLOCK_M], float("-inf"), gl.float32, layout=row_qk)
-    l_i = gl.zeros([BLOCK_M], gl.float32, layout=row_qk)
     acc = gl.zeros([BLOCK_M, D], gl.float32, layout=pv_layout)
+    l_tile = gl.zeros([BLOCK_M, 16], gl.float32, layout=sum_layout)
     zero_s = gl.zeros([BLOCK_M, BLOCK_N], gl.int32, layout=qk_layout)
     zero_o = gl.zeros([BLOCK_M, D], gl.float32, layout=pv_layout)
+    zero_l = gl.zeros([BLOCK_M, 16], gl.float32, layout=sum_layout)
     cols = gl.arange(0, BLOCK_N, layout=col_qk)
 
     if steps > 0:  # an empty selection leaves `out` as it is (the sparse branch adds zero)
         mbarrier.wait(q_bar, phase=0)
         mbarrier.wait(ready.index(0), phase=0)
-        s_next = warpgroup_mma(q_smem, k_ring.index(0).permute((1, 0)), zero_s, use_acc=False, is_async=True)
-        for i in range(steps):
-            slot = i % STAGES
-            s_int = warpgroup_mma_wait(num_outstanding=0, deps=(s_next,))
-            if i + 1 < steps:
-                nxt = (i + 1) % STAGES
-                mbarrier.wait(ready.index(nxt), phase=((i + 1) // STAGES) & 1)
-                s_next = warpgroup_mma(
-                    q_smem, k_ring.index(nxt).permute((1, 0)), zero_s, use_acc=False, is_async=True
-                )
-            kb = gl.load(lut_ptr + lut_row * k_max + i)
+        s_tok = warpgroup_mma(q_smem, k_ring.index(0).permute((1, 0)), zero_s, use_acc=False, is_async=True)
+        s_int = warpgroup_mma_wait(num_outstanding=0, deps=(s_tok,))
+        kb = gl.load(lut_ptr + lut_row * k_max)
+        scale = q_scale * gl.load(k_scale_ptr + n * num_k_blocks + kb)
+        m_init = gl.full([BLOCK_M], float("-inf"), gl.float32, layout=row_qk)
+        p, m_i, alpha = _block_softmax(s_int, m_init, kb, scale, cols, L, BLOCK_N)
+        alpha_prev = alpha  # zeros: the empty accumulators stay empty
+        p8 = gl.convert_layout(_operand_key_order(p.to(gl.float8e4nv), BLOCK_M, BLOCK_N), p_layout)
+        nxt = 0
+        if steps > 1:
+            nxt = 1 % STAGES
+            mbarrier.wait(ready.index(nxt), phase=(1 // STAGES) & 1)
+        s_tok = warpgroup_mma(q_smem, k_ring.index(nxt).permute((1, 0)), zero_s, use_acc=False, is_async=True)
+        o_tok = warpgroup_mma(p8, v_ring.index(0).permute((1, 0)), zero_o, use_acc=False, is_async=True)
+        l_tok = warpgroup_mma(
+            gl.convert_layout(p8, p_sum_layout),
+            ones_smem.permute((1, 0)),
+            zero_l,
+            use_acc=False,
+            is_async=True,
+        )
+        for j in range(1, steps):
+            slot = j % STAGES
+            s_int = warpgroup_mma_wait(num_outstanding=2, deps=(s_tok,))  # P̃·V̂ of block j−1 still runs
+            kb = gl.load(lut_ptr + lut_row * k_max + j)
             scale = q_scale * gl.load(k_scale_ptr + n * num_k_blocks + kb)
-            scores = s_int.to(gl.float32)
-            keys = kb * BLOCK_N + cols
-            scores = gl.where(gl.expand_dims(keys < L, 0), scores, float("-inf"))
-            m_new = gl.maximum(m_i, gl.max(scores, axis=1) * scale)
-            p = gl.exp2(scores * scale + gl.expand_dims(FP8_P_OFFSET - m_new, 1))
-            alpha = gl.exp2(m_i - m_new)
-            l_i = l_i * alpha + gl.sum(p, axis=1)
-            p8 = gl.convert_layout(_operand_key_order(p.to(gl.float8e4nv), BLOCK_M, BLOCK_N), p_layout)
-            o = warpgroup_mma(p8, v_ring.index(slot).permute((1, 0)), zero_o, use_acc=False, is_async=True)
-            o = warpgroup_mma_wait(num_outstanding=0, deps=(o,))
-            acc = acc * gl.expand_dims(gl.convert_layout(alpha, row_pv), 1) + o
-            m_i = m_new
-            if i + STAGES < steps:  # slot free again: both of its MMAs have completed
+            p, m_i, alpha = _block_softmax(s_int, m_i, kb, scale, cols, L, BLOCK_N)
+            o, l_part = warpgroup_mma_wait(num_outstanding=0, deps=(o_tok, l_tok))
+            if TWO_LEVEL:
+                acc = acc * gl.expand_dims(gl.convert_layout(alpha_prev, row_pv), 1) + o
+                l_tile = l_tile * gl.expand_dims(gl.convert_layout(alpha_prev, row_sum), 1) + l_part
+                alpha_prev = alpha
+            else:  # rescaled to block j's maximum before its product is added on the tensor cores
+                acc = o * gl.expand_dims(gl.convert_layout(alpha, row_pv), 1)
+                l_tile = l_part * gl.expand_dims(gl.convert_layout(alpha, row_sum), 1)
+            if j - 1 + STAGES < steps:  # block j−1's slot is free: both of its MMAs have completed
                 _load_tiles(
                     k_desc,
                     v_desc,
@@ -167,13 +222,48 @@ def _gluon_sparse_kernel(
                     k_max,
                     n,
                     L,
-                    i + STAGES,
-                    slot,
+                    j - 1 + STAGES,
+                    (j - 1) % STAGES,
                     D,
                     BLOCK_N,
                 )
+            p8 = gl.convert_layout(_operand_key_order(p.to(gl.float8e4nv), BLOCK_M, BLOCK_N), p_layout)
+            # Issued on every iteration (after the last block, a throw-away product of a tile already in
+            # place): with a conditional issue ptxas cannot tell which group `wait(2)` retires and
+            # serialises every wgmma of the loop.
+            nxt = slot
+            if j + 1 < steps:
+                nxt = (j + 1) % STAGES
+                mbarrier.wait(ready.index(nxt), phase=((j + 1) // STAGES) & 1)
+            # The accumulator operands of products that start from zero are tiles already dead here
+            # (use_acc=False ignores their values): a zero tile kept for them would hold 64 registers.
+            dead_s = p.to(gl.int32, bitcast=True)
+            s_tok = warpgroup_mma(
+                q_smem, k_ring.index(nxt).permute((1, 0)), dead_s, use_acc=False, is_async=True
+            )
+            if TWO_LEVEL:
+                o_tok = warpgroup_mma(p8, v_ring.index(slot).permute((1, 0)), o, use_acc=False, is_async=True)
+                l_tok = warpgroup_mma(
+                    gl.convert_layout(p8, p_sum_layout),
+                    ones_smem.permute((1, 0)),
+                    l_part,
+                    use_acc=False,
+                    is_async=True,
+                )
+            else:
+                o_tok = warpgroup_mma(p8, v_ring.index(slot).permute((1, 0)), acc, is_async=True)
+                l_tok = warpgroup_mma(
+                    gl.convert_layout(p8, p_sum_layout), ones_smem.permute((1, 0)), l_tile, is_async=True
+                )
+        o, l_part, _ = warpgroup_mma_wait(num_outstanding=0, deps=(o_tok, l_tok, s_tok))
+        if TWO_LEVEL:
+            acc = acc * gl.expand_dims(gl.convert_layout(alpha_prev, row_pv), 1) + o
+            l_tile = l_tile * gl.expand_dims(gl.convert_layout(alpha_prev, row_sum), 1) + l_part
+        else:
+            acc = o
+            l_tile = l_part
 
-        l_pv = gl.convert_layout(l_i, row_pv)
+        l_pv = gl.convert_layout(gl.sum(l_tile, axis=1), row_pv)
         dims = gl.arange(0, D, layout=col_pv)
         out = acc / gl.expand_dims(gl.where(l_pv > 0, l_pv, 1.0), 1)
         out = out * gl.expand_dims(gl.load(v_scale_ptr + n * D + dims), 0)
@@ -191,7 +281,9 @@ def _gluon_sparse_kernel(
         gl.store(ptrs, (out + previous.to(gl.float32)).to(gl.bfloat16), mask=gl.expand_dims(rows < L, 1))
 
 
-def gluon_sparse_attention(prep, out, lut, counts, stages: int = 2, max_registers: int | None = None):
+def gluon_sparse_attention(
+    prep, out, lut, counts, stages: int = 3, two_level: bool = True, max_registers: int | None = None
+):
     """Adds the sparse branch to `out` (B, L, H, D), like quantised_attention(..., accumulate=True)."""
     n, length, d = prep.q8.shape
     heads = out.shape[2]
@@ -232,6 +324,7 @@ def gluon_sparse_attention(prep, out, lut, counts, stages: int = 2, max_register
         BLOCK_M=blkq,
         BLOCK_N=blkk,
         STAGES=stages,
+        TWO_LEVEL=two_level,
         num_warps=4,
         **({} if max_registers is None else {"maxnreg": max_registers}),
     )
@@ -262,10 +355,8 @@ def probe_shape(shape: str, topk: float) -> None:
         "tl kernel (shipped)": lambda: quantised_attention(
             prep, v, work, RECIPE.blkq, RECIPE.blkk, lut=lut, counts=counts, accumulate=True
         ),
-        "gluon 2 stages": lambda: gluon_sparse_attention(prep, work, lut, counts, 2),
-        "gluon 3 stages": lambda: gluon_sparse_attention(prep, work, lut, counts, 3),
-        "gluon 2 stages, 168 registers": lambda: gluon_sparse_attention(prep, work, lut, counts, 2, 168),
-        "gluon 2 stages, 200 registers": lambda: gluon_sparse_attention(prep, work, lut, counts, 2, 200),
+        "gluon, two-level accumulation": lambda: gluon_sparse_attention(prep, work, lut, counts, 3, True),
+        "gluon, tensor-core accumulation": lambda: gluon_sparse_attention(prep, work, lut, counts, 3, False),
     }
     times = {name: [] for name in variants}
     for _ in range(3):

@@ -13,9 +13,10 @@ Contract
   lowest block ids (torch.topk breaks them arbitrarily; never compare LUTs bitwise with another
   implementation's).
 * Two launches: a tiled score GEMM into a float32 scratch (N, N_Q, N_K padded to a power of two with -inf),
-  then programs of up to 8 rows that find each row's k-th largest score by radix select (32 counting passes
-  over the order-preserving integer image of the scores; a bitonic `tl.sort` per row took 16.7 ms at
-  14B-720p on H100, 2026-11-21) and scatter the selected ids through a prefix sum (ascending order for free).
+  then one-warp programs (one row each by default) that find each row's k-th largest score by radix
+  select (32 counting passes over the order-preserving integer image of the scores; a bitonic `tl.sort`
+  per row took 16.7 ms at 14B-720p on H100, 2026-11-21) and scatter the selected ids through a prefix sum
+  (ascending order for free).
 * Tested: tests/test_kernels_interpret.py (TRITON_INTERPRET=1, CPU) against a float64 top-k;
   bench/attention.py on H100 at real sizes. Reference: `sla_reference.select_blocks`.
 * Limit: N_K padded to a power of two must fit one program's registers (N_K <= 8192 covers every Wan shape:
@@ -136,13 +137,19 @@ def block_scores(pq: torch.Tensor, pk: torch.Tensor) -> torch.Tensor:
     return scores
 
 
-def top_k_lut(scores: torch.Tensor, k_sel: int, num_q: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """LUT + count from padded scores (N, N_Q, P), see `select_blocks`; needs 1 <= k_sel <= N_K."""
+def top_k_lut(
+    scores: torch.Tensor, k_sel: int, num_q: int, rows: int = 1, num_warps: int = 1
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """LUT + count from padded scores (N, N_Q, P), see `select_blocks`; needs 1 <= k_sel <= N_K.
+
+    One row and one warp per program by default: each of the 32 counting passes then reduces within the
+    warp (shuffles) instead of across warps through shared memory and a barrier (H200, bench/topk_configs.py:
+    0.436 vs 1.176 ms at 14B-720p, 0.020 vs 0.027 ms at 1.3B-480p for the former 8 rows x 8 warps).
+    `rows` (rows per program) and `num_warps` are tuning knobs."""
     n, _, padded = scores.shape
     lut = torch.empty((n, num_q, k_sel), dtype=torch.int32, device=scores.device)
     counts = torch.empty((n, num_q), dtype=torch.int32, device=scores.device)
-    rows = max(1, min(8, 8192 // padded))
     _top_k_kernel[(triton.cdiv(n * num_q, rows),)](
-        scores, lut, counts, n * num_q, k_sel, ROWS=rows, PADDED_K=padded, num_warps=8
+        scores, lut, counts, n * num_q, k_sel, ROWS=rows, PADDED_K=padded, num_warps=num_warps
     )
     return lut, counts
