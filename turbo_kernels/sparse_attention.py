@@ -32,8 +32,9 @@ multiply-add and the row max of the raw scores, the rescale of the accumulator a
 FP8 product are one multiply-add, P̃ reaches the FP8 dot without shuffles and the row sums stay a [BLOCK_M, 16]
 tile until the end (SASS, sm90: 828 -> 663 instructions per key block with ROW_SUM_MMA -> 592).
 Measured (2026-11-21, Triton 3.6, bench/RESULTS.md): H100/H200 with the Hopper config (64x128, 4 warps,
-2 stages, TMA) 0.93 ms at 1.3B-480p top-k 0.1 (~700 real TOPS) and 10.2 ms dense before that change,
-0.88 ms after it (bench/attention_ab.py); pointer loads 15-20 % slower. Not yet run on sm80/86/89/120:
+2 stages, TMA) 0.93 ms at 1.3B-480p top-k 0.1 (~700 real TOPS) and 10.2 ms dense before those changes,
+0.88 ms after the first two, 0.84-0.86 ms (~750-765 real TOPS) with all of them (H200, bench/attention_ab.py,
+bench/attention.py); pointer loads 15-20 % slower. Not yet run on sm80/86/89/120:
 those paths (fp16 P·V, pointer loads, 128x64 tiles) are only
 exercised by the interpreter tests.
 """
