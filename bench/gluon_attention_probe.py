@@ -71,6 +71,15 @@ def _operand_key_order(p, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr):
 
 
 @gluon.jit
+def _issue_products(p8, v_tile, ones_smem, o_acc, l_acc, use_acc, p_sum_layout: gl.constexpr):
+    """Asynchronous P̃·V̂ and P̃·ones (the row sums) of one key block, onto o_acc / l_acc when use_acc."""
+    o_tok = warpgroup_mma(p8, v_tile.permute((1, 0)), o_acc, use_acc=use_acc, is_async=True)
+    p8_sum = gl.convert_layout(p8, p_sum_layout)
+    l_tok = warpgroup_mma(p8_sum, ones_smem.permute((1, 0)), l_acc, use_acc=use_acc, is_async=True)
+    return o_tok, l_tok
+
+
+@gluon.jit
 def _block_softmax(s_int, m_prev, kb, scale, cols, L, BLOCK_N: gl.constexpr):
     """P̃ = 2^(s·scale − m + 8.807) of one key block (fp32), the new row max and the rescale factor."""
     scores = s_int.to(gl.float32)
@@ -188,14 +197,7 @@ def _gluon_sparse_kernel(
             nxt = 1 % STAGES
             mbarrier.wait(ready.index(nxt), phase=(1 // STAGES) & 1)
         s_tok = warpgroup_mma(q_smem, k_ring.index(nxt).permute((1, 0)), zero_s, use_acc=False, is_async=True)
-        o_tok = warpgroup_mma(p8, v_ring.index(0).permute((1, 0)), zero_o, use_acc=False, is_async=True)
-        l_tok = warpgroup_mma(
-            gl.convert_layout(p8, p_sum_layout),
-            ones_smem.permute((1, 0)),
-            zero_l,
-            use_acc=False,
-            is_async=True,
-        )
+        o_tok, l_tok = _issue_products(p8, v_ring.index(0), ones_smem, zero_o, zero_l, False, p_sum_layout)
         for j in range(1, steps):
             slot = j % STAGES
             s_int = warpgroup_mma_wait(num_outstanding=2, deps=(s_tok,))  # P̃·V̂ of block j−1 still runs
@@ -241,19 +243,13 @@ def _gluon_sparse_kernel(
             s_tok = warpgroup_mma(
                 q_smem, k_ring.index(nxt).permute((1, 0)), dead_s, use_acc=False, is_async=True
             )
-            if TWO_LEVEL:
-                o_tok = warpgroup_mma(p8, v_ring.index(slot).permute((1, 0)), o, use_acc=False, is_async=True)
-                l_tok = warpgroup_mma(
-                    gl.convert_layout(p8, p_sum_layout),
-                    ones_smem.permute((1, 0)),
-                    l_part,
-                    use_acc=False,
-                    is_async=True,
+            if TWO_LEVEL:  # fresh products: the waited (dead) tiles stand in for the ignored accumulators
+                o_tok, l_tok = _issue_products(
+                    p8, v_ring.index(slot), ones_smem, o, l_part, False, p_sum_layout
                 )
             else:
-                o_tok = warpgroup_mma(p8, v_ring.index(slot).permute((1, 0)), acc, is_async=True)
-                l_tok = warpgroup_mma(
-                    gl.convert_layout(p8, p_sum_layout), ones_smem.permute((1, 0)), l_tile, is_async=True
+                o_tok, l_tok = _issue_products(
+                    p8, v_ring.index(slot), ones_smem, acc, l_tile, True, p_sum_layout
                 )
         o, l_part, _ = warpgroup_mma_wait(num_outstanding=0, deps=(o_tok, l_tok, s_tok))
         if TWO_LEVEL:
