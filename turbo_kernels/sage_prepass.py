@@ -16,9 +16,9 @@ Everything the block-sparse attention kernel consumes, produced per call from bf
    output tensor, which the attention kernel then accumulates into (keeps the attention epilogue small).
 3. `quantise_values_fp8`: V / s_v -> E4M3 (round to nearest even, saturating), stored transposed and
    zero-padded as (N, D, L_pad), L_pad = ceil(L/128)·128, the K-contiguous layout the FP8 P·V dot wants,
-   with the keys of every 16 in `value_key_order` (column c holds key `fp8_column_key(c)`): the attention
-   kernel permutes the columns of P̃ the same way, which makes its tensor-core operand a register renaming
-   of the Q·Kᵀ accumulator (no shuffles; see `sparse_attention`).
+   with the keys of every 16 interleaved (column c holds key `fp8_column_key(c)`): the attention kernel
+   permutes the columns of P̃ the same way, which makes its tensor-core operand a register renaming of the
+   Q·Kᵀ accumulator (no shuffles; see `sparse_attention`).
 
 Layouts: inputs may be any (B, L, H, D) view whose last dimension is contiguous; N = B·H, n = b·H + h.
 Reference: `sla_reference` (`pooled_queries_keys`, `quantize_int8_blocks`, `quantize_values`,
