@@ -18,8 +18,9 @@ PACKAGE = "comfyui_turbodiffusion"
 
 
 def alias_checkout_as_package(root: Path = ROOT) -> None:
-    """Registers `root` as the package `comfyui_turbodiffusion` unless an installed one is importable."""
-    if importlib.util.find_spec(PACKAGE) is None:
+    """Registers `root` as the package `comfyui_turbodiffusion` unless an installed one is importable or it
+    is registered already."""
+    if PACKAGE not in sys.modules and importlib.util.find_spec(PACKAGE) is None:
         package = types.ModuleType(PACKAGE)
         package.__path__ = [str(root)]
         sys.modules[PACKAGE] = package

@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 from _checkout import ROOT, alias_checkout_as_package
 from _environment import environment_line
+from kernel_ablations import ABLATIONS, ablated_source
 from triton.testing import do_bench
 
 alias_checkout_as_package()
@@ -55,9 +56,14 @@ def load_baseline(baseline: str, folder: Path):
     else:
         command = ["git", "show", f"{baseline}:{KERNEL_FILE}"]
         source = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, check=True).stdout
-    path = folder / "sparse_attention_baseline.py"
+    return import_kernel_source(source, folder, "baseline")
+
+
+def import_kernel_source(source: str, folder: Path, label: str):
+    """A kernel module imported from `source`, beside the current one (same package)."""
+    path = folder / f"sparse_attention_{label}.py"
     path.write_text(source)
-    name = f"{current.__package__}.sparse_attention_baseline"
+    name = f"{current.__package__}.sparse_attention_{label}"
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module
@@ -110,7 +116,9 @@ def resources(compiled) -> str:
     return f"{regs} regs, {spills} spills, {shared} B shared"
 
 
-def run_shape(shape: str, topk: float, baseline, recipe: R.SageRecipe, combinations: list[str]) -> None:
+def run_shape(
+    shape: str, topk: float, baseline, recipe: R.SageRecipe, combinations: list[str], ablated: dict
+) -> None:
     heads, length = SHAPES[shape]
     q, k, v = dit_like_qkv(1, length, heads, 128, seed=3, device="cuda")  # as bench/attention.py
     proj = random_projection(128, seed=5, device="cuda")
@@ -141,11 +149,15 @@ def run_shape(shape: str, topk: float, baseline, recipe: R.SageRecipe, combinati
     variants = {"baseline kernel": kernel(baseline, baseline.default_config(q.device))}
     for combination in combinations:
         variants[f"current: {combination}"] = kernel(current, config_with(base_config, combination))
+    modules = {"baseline kernel": baseline}
+    for name, module in ablated.items():
+        variants[f"ablation: {name}"] = kernel(module, base_config)
+        modules[f"ablation: {name}"] = module
     copy_only = lambda: out.copy_(linear)  # noqa: E731  subtracted from every kernel time
 
     outputs = {}
     for name, fn in variants.items():
-        module = baseline if name == "baseline kernel" else current
+        module = modules.get(name, current)
         known = set(compiled_kernels(module._sparse_attention_kernel))
         first = fn().clone()
         second = fn().clone()
@@ -215,6 +227,11 @@ def main() -> None:
         default=",".join(DEFAULT_COMBINATIONS),
         help="comma-separated KernelConfig combinations of the current kernel (flag+flag+field=int, or none)",
     )
+    parser.add_argument(
+        "--ablations",
+        default="",
+        help=f"comma-separated timing-only ablations of the current kernel: {', '.join(ABLATIONS)}",
+    )
     args = parser.parse_args()
     print(environment_line(torch.device("cuda")))
     commit = subprocess.run(["git", "log", "-1", "--format=%h"], cwd=ROOT, capture_output=True, text=True)
@@ -223,9 +240,14 @@ def main() -> None:
     torch.set_grad_enabled(False)
     with tempfile.TemporaryDirectory() as folder:
         baseline = load_baseline(args.baseline, Path(folder))
+        source = (ROOT / KERNEL_FILE).read_text()
+        ablated = {
+            name: import_kernel_source(ablated_source(source, name), Path(folder), f"ablation_{name}")
+            for name in filter(None, args.ablations.split(","))
+        }
         for shape in args.shapes.split(","):
             for topk in (float(t) for t in args.topk.split(",")):
-                run_shape(shape, topk, baseline, R.HOPPER_RECIPE, args.configs.split(","))
+                run_shape(shape, topk, baseline, R.HOPPER_RECIPE, args.configs.split(","), ablated)
                 torch.cuda.empty_cache()
 
 

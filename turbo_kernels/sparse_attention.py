@@ -64,16 +64,29 @@ PV_FP16 = tl.constexpr(1)
 PV_FP8 = tl.constexpr(2)
 
 
+# How the INT32 scores of the INT8 Q·Kᵀ become fp32 (the kernel's SCORE_CONVERT): I2FP, or adding the
+# exponent bias of 1.5·2^23 and reading the bits as a float (exact for |s| < 2^22; 128 · 127² < 2^21), then
+# subtracting 1.5·2^23 (an exact FADD) or folding that subtraction into the exponent's per-row bias.
+SCORES_I2F = 0
+SCORES_BIAS_EXACT = 1
+SCORES_BIAS_FOLDED = 2
+
+
 @dataclass(frozen=True)
 class KernelConfig:
     """Launch of the attention kernel. `row_sum_mma` (FP8 P·V only): the softmax row sums come from the
     tensor cores, as P̃ times a ones matrix in the same FP8 (so the weights the output averages with sum to
-    exactly one), instead of a 64-add reduction per row and step on the CUDA cores."""
+    exactly one), instead of a 64-add reduction per row and step on the CUDA cores.
+
+    `score_convert` (INT8 Q·Kᵀ): one of SCORES_*. `exp2_fma_share` (0, 2 or 4): 1/share of the exponentials
+    are evaluated by a polynomial on the FMA units instead of MUFU.EX2 (0: none)."""
 
     block_m: int
     num_warps: int
     num_stages: int
     row_sum_mma: bool = False
+    score_convert: int = SCORES_I2F
+    exp2_fma_share: int = 0
 
 
 # Hopper: one warpgroup on a 64-row tile, 2 stages (KERNELS.md §0, §2.4: 713 TOPS dense on H100); row sums
@@ -93,6 +106,35 @@ def _operand_key_order(p, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     x = p.reshape(BLOCK_M, BLOCK_N // 16, 2, 2, 2, 2)
     x = x.permute(0, 1, 3, 4, 2, 5)
     return x.reshape(BLOCK_M, BLOCK_N)
+
+
+@triton.jit
+def _exp2_fma(x):
+    """2^x on the FMA/ALU pipes: x = j + f with j = round(x), f in [-0.5, 0.5]; 2^f by a cubic (relative
+    error 7.5e-5, far below E4M3's 2^-4 step) and j added to the exponent field. x >= -126.5 keeps the
+    exponent field non-negative (2^-126.5 is zero after E4M3 rounding anyway)."""
+    x = tl.maximum(x, -126.5)
+    t = x + 12582912.0  # 1.5 · 2^23: the fraction bits are rounded off, j sits in the low mantissa bits
+    f = x - (t - 12582912.0)
+    p = 0.05517166493029739 * f + 0.242611121877149
+    p = p * f + 0.6932609862225381
+    p = p * f + 0.9999280735783092
+    bits = p.to(tl.int32, bitcast=True) + (t.to(tl.int32, bitcast=True) << 23)
+    return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _exp2_split(x, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SHARE: tl.constexpr):
+    """exp2 of a [BLOCK_M, BLOCK_N] tile, 1/SHARE of it (SHARE 2 or 4) by `_exp2_fma` and the rest by MUFU.EX2.
+    The split follows column bits that the wgmma accumulator keeps in registers (bit 0, then the top bit),
+    so splitting and joining move no data."""
+    even, odd = x.reshape(BLOCK_M, BLOCK_N // 2, 2).split()
+    if SHARE == 2:
+        odd = _exp2_fma(odd)
+    else:
+        low, high = odd.reshape(BLOCK_M, 2, BLOCK_N // 4).permute(0, 2, 1).split()
+        odd = tl.join(tl.math.exp2(low), _exp2_fma(high)).permute(0, 2, 1).reshape(BLOCK_M, BLOCK_N // 2)
+    return tl.join(tl.math.exp2(even), odd).reshape(BLOCK_M, BLOCK_N)
 
 
 @triton.jit
@@ -136,6 +178,8 @@ def _sparse_attention_kernel(
     USE_DESC: tl.constexpr,
     INTERPRET: tl.constexpr,
     ROW_SUM_MMA: tl.constexpr,
+    SCORE_CONVERT: tl.constexpr,
+    EXP2_FMA_SHARE: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     n = tl.program_id(1)
@@ -198,8 +242,17 @@ def _sparse_attention_kernel(
         # Logits in the exp2 domain are s·scale; the scale (> 0) is applied inside the exponent's
         # multiply-add, p = 2^(s·scale + (offset − m)), and to the row maximum of the raw s: one FFMA per
         # element instead of a multiply and two adds (the loop is instruction-issue-bound on Hopper).
+        score_bias = 0.0  # what s holds beyond the score (SCORES_BIAS_FOLDED: 1.5 · 2^23)
         if QUANT:
-            s = tl.dot(q, tl.trans(k)).to(tl.float32)
+            s_int = tl.dot(q, tl.trans(k))
+            if SCORE_CONVERT == 0:
+                s = s_int.to(tl.float32)
+            else:
+                s = (s_int + 0x4B400000).to(tl.float32, bitcast=True)
+                if SCORE_CONVERT == 1:
+                    s = s - 12582912.0
+                else:
+                    score_bias = 12582912.0
             scale = q_scale * tl.load(k_scale_ptr + n64 * num_k_blocks + kb)
         else:
             if INTERPRET:
@@ -208,8 +261,12 @@ def _sparse_attention_kernel(
             scale = qk_scale
         if start + BLOCK_N > L:
             s = tl.where(keys[None, :] < L, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1) * scale)
-        p = tl.math.exp2(s * scale + (offset - m_new)[:, None])
+        m_new = tl.maximum(m_i, (tl.max(s, axis=1) - score_bias) * scale)
+        x = s * scale + (offset - m_new - score_bias * scale)[:, None]
+        if EXP2_FMA_SHARE == 0:
+            p = tl.math.exp2(x)
+        else:
+            p = _exp2_split(x, BLOCK_M, BLOCK_N, EXP2_FMA_SHARE)
         alpha = tl.math.exp2(m_i - m_new)
         if PV == PV_FP8:
             if USE_DESC:
@@ -339,6 +396,8 @@ def _launch(
         USE_DESC=use_desc,
         INTERPRET=interpreting(),
         ROW_SUM_MMA=config.row_sum_mma and pv == PV_FP8,
+        SCORE_CONVERT=config.score_convert if quant else SCORES_I2F,
+        EXP2_FMA_SHARE=config.exp2_fma_share,
         num_warps=config.num_warps,
         num_stages=config.num_stages,
     )
