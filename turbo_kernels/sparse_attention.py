@@ -64,29 +64,22 @@ PV_FP16 = tl.constexpr(1)
 PV_FP8 = tl.constexpr(2)
 
 
-# How the INT32 scores of the INT8 Q·Kᵀ become fp32 (the kernel's SCORE_CONVERT): I2FP, or adding the
-# exponent bias of 1.5·2^23 and reading the bits as a float (exact for |s| < 2^22; 128 · 127² < 2^21), then
-# subtracting 1.5·2^23 (an exact FADD) or folding that subtraction into the exponent's per-row bias.
-SCORES_I2F = 0
-SCORES_BIAS_EXACT = 1
-SCORES_BIAS_FOLDED = 2
-
-
 @dataclass(frozen=True)
 class KernelConfig:
     """Launch of the attention kernel. `row_sum_mma` (FP8 P·V only): the softmax row sums come from the
     tensor cores, as P̃ times a ones matrix in the same FP8 (so the weights the output averages with sum to
     exactly one), instead of a 64-add reduction per row and step on the CUDA cores.
 
-    `score_convert` (INT8 Q·Kᵀ): one of SCORES_*. `exp2_fma_share` (0, 2 or 4): 1/share of the exponentials
-    are evaluated by a polynomial on the FMA units instead of MUFU.EX2 (0: none)."""
+    `l1_prefetch` (TMA path): the program's LUT row and its head's key scales are prefetched into L1 before
+    the key loop, and the per-step key scale is read with a plain load, which Triton's pipeliner would
+    otherwise turn into an asynchronous copy that needs a CTA barrier every step."""
 
     block_m: int
     num_warps: int
     num_stages: int
     row_sum_mma: bool = False
-    score_convert: int = SCORES_I2F
-    exp2_fma_share: int = 0
+    l1_prefetch: bool = False
+    tree_max: bool = False
 
 
 # Hopper: one warpgroup on a 64-row tile, 2 stages (KERNELS.md §0, §2.4: 713 TOPS dense on H100); row sums
@@ -109,32 +102,38 @@ def _operand_key_order(p, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
 
 
 @triton.jit
-def _exp2_fma(x):
-    """2^x on the FMA/ALU pipes: x = j + f with j = round(x), f in [-0.5, 0.5]; 2^f by a cubic (relative
-    error 7.5e-5, far below E4M3's 2^-4 step) and j added to the exponent field. x >= -126.5 keeps the
-    exponent field non-negative (2^-126.5 is zero after E4M3 rounding anyway)."""
-    x = tl.maximum(x, -126.5)
-    t = x + 12582912.0  # 1.5 · 2^23: the fraction bits are rounded off, j sits in the low mantissa bits
-    f = x - (t - 12582912.0)
-    p = 0.05517166493029739 * f + 0.242611121877149
-    p = p * f + 0.6932609862225381
-    p = p * f + 0.9999280735783092
-    bits = p.to(tl.int32, bitcast=True) + (t.to(tl.int32, bitcast=True) << 23)
-    return bits.to(tl.float32, bitcast=True)
+def _prefetch_l1(pointers):
+    """Asks L1 to fetch the lines of `pointers` (no result; the asm has side effects so it is kept)."""
+    tl.inline_asm_elementwise(
+        "prefetch.global.L1 [$1];\n\tmov.u32 $0, 0;", "=r,l", [pointers], dtype=tl.int32, is_pure=False, pack=1
+    )
 
 
 @triton.jit
-def _exp2_split(x, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SHARE: tl.constexpr):
-    """exp2 of a [BLOCK_M, BLOCK_N] tile, 1/SHARE of it (SHARE 2 or 4) by `_exp2_fma` and the rest by MUFU.EX2.
-    The split follows column bits that the wgmma accumulator keeps in registers (bit 0, then the top bit),
-    so splitting and joining move no data."""
-    even, odd = x.reshape(BLOCK_M, BLOCK_N // 2, 2).split()
-    if SHARE == 2:
-        odd = _exp2_fma(odd)
-    else:
-        low, high = odd.reshape(BLOCK_M, 2, BLOCK_N // 4).permute(0, 2, 1).split()
-        odd = tl.join(tl.math.exp2(low), _exp2_fma(high)).permute(0, 2, 1).reshape(BLOCK_M, BLOCK_N // 2)
-    return tl.join(tl.math.exp2(even), odd).reshape(BLOCK_M, BLOCK_N)
+def _load_outside_pipeline(pointer):
+    """A plain fp32 global load the software pipeliner does not touch (it only rewrites tl.load)."""
+    return tl.inline_asm_elementwise(
+        "ld.global.nc.f32 $0, [$1];", "=r,l", [pointer], dtype=tl.float32, is_pure=True, pack=1
+    )
+
+
+@triton.jit
+def _halve_columns_max(x, BLOCK_M: tl.constexpr, N: tl.constexpr):
+    """Element-wise maximum of the two column halves of x ([BLOCK_M, N] -> [BLOCK_M, N // 2])."""
+    low, high = x.reshape(BLOCK_M, 2, N // 2).permute(0, 2, 1).split()
+    return tl.maximum(low, high)
+
+
+@triton.jit
+def _row_max(s, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TREE: tl.constexpr):
+    """Row maxima. TREE: three halvings first (the top column bits sit in registers of the wgmma accumulator
+    layout, so they are element-wise FMNMX on independent registers), then a reduction over BLOCK_N / 8
+    columns: a dependency chain of ~BLOCK_N / 16 instead of ~BLOCK_N / 4 FMNMX per thread."""
+    if TREE:
+        s = _halve_columns_max(s, BLOCK_M, BLOCK_N)
+        s = _halve_columns_max(s, BLOCK_M, BLOCK_N // 2)
+        s = _halve_columns_max(s, BLOCK_M, BLOCK_N // 4)
+    return tl.max(s, axis=1)
 
 
 @triton.jit
@@ -178,8 +177,8 @@ def _sparse_attention_kernel(
     USE_DESC: tl.constexpr,
     INTERPRET: tl.constexpr,
     ROW_SUM_MMA: tl.constexpr,
-    SCORE_CONVERT: tl.constexpr,
-    EXP2_FMA_SHARE: tl.constexpr,
+    L1_PREFETCH: tl.constexpr,
+    TREE_MAX: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     n = tl.program_id(1)
@@ -224,6 +223,11 @@ def _sparse_attention_kernel(
         ones = tl.where(tl.arange(0, 16)[None, :] == 0, 1.0, 0.0) + tl.zeros([BLOCK_N, 16], tl.float32)
         ones = to_e4m3(ones, INTERPRET)
         l_tile = tl.zeros([BLOCK_M, 16], dtype=tl.float32)
+    if L1_PREFETCH:
+        # One line per thread: the LUT row (k_max int32) and the head's key scales (num_k_blocks fp32).
+        lines = tl.arange(0, 128)
+        _prefetch_l1(lut_ptr + lut_row * k_max + tl.minimum(lines * 32, k_max - 1))
+        _prefetch_l1(k_scale_ptr + n64 * num_k_blocks + tl.minimum(lines * 32, num_k_blocks - 1))
     for i in range(steps):
         if DENSE:
             kb = i
@@ -242,18 +246,12 @@ def _sparse_attention_kernel(
         # Logits in the exp2 domain are s·scale; the scale (> 0) is applied inside the exponent's
         # multiply-add, p = 2^(s·scale + (offset − m)), and to the row maximum of the raw s: one FFMA per
         # element instead of a multiply and two adds (the loop is instruction-issue-bound on Hopper).
-        score_bias = 0.0  # what s holds beyond the score (SCORES_BIAS_FOLDED: 1.5 · 2^23)
         if QUANT:
-            s_int = tl.dot(q, tl.trans(k))
-            if SCORE_CONVERT == 0:
-                s = s_int.to(tl.float32)
+            s = tl.dot(q, tl.trans(k)).to(tl.float32)
+            if L1_PREFETCH:
+                scale = q_scale * _load_outside_pipeline(k_scale_ptr + n64 * num_k_blocks + kb)
             else:
-                s = (s_int + 0x4B400000).to(tl.float32, bitcast=True)
-                if SCORE_CONVERT == 1:
-                    s = s - 12582912.0
-                else:
-                    score_bias = 12582912.0
-            scale = q_scale * tl.load(k_scale_ptr + n64 * num_k_blocks + kb)
+                scale = q_scale * tl.load(k_scale_ptr + n64 * num_k_blocks + kb)
         else:
             if INTERPRET:
                 k = k.to(tl.float32)
@@ -261,12 +259,8 @@ def _sparse_attention_kernel(
             scale = qk_scale
         if start + BLOCK_N > L:
             s = tl.where(keys[None, :] < L, s, float("-inf"))
-        m_new = tl.maximum(m_i, (tl.max(s, axis=1) - score_bias) * scale)
-        x = s * scale + (offset - m_new - score_bias * scale)[:, None]
-        if EXP2_FMA_SHARE == 0:
-            p = tl.math.exp2(x)
-        else:
-            p = _exp2_split(x, BLOCK_M, BLOCK_N, EXP2_FMA_SHARE)
+        m_new = tl.maximum(m_i, _row_max(s, BLOCK_M, BLOCK_N, TREE_MAX) * scale)
+        p = tl.math.exp2(s * scale + (offset - m_new)[:, None])
         alpha = tl.math.exp2(m_i - m_new)
         if PV == PV_FP8:
             if USE_DESC:
@@ -396,8 +390,8 @@ def _launch(
         USE_DESC=use_desc,
         INTERPRET=interpreting(),
         ROW_SUM_MMA=config.row_sum_mma and pv == PV_FP8,
-        SCORE_CONVERT=config.score_convert if quant else SCORES_I2F,
-        EXP2_FMA_SHARE=config.exp2_fma_share,
+        L1_PREFETCH=config.l1_prefetch and use_desc and not dense,
+        TREE_MAX=config.tree_max,
         num_warps=config.num_warps,
         num_stages=config.num_stages,
     )
