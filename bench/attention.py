@@ -326,12 +326,11 @@ def bench_sparse(
     k_sel = R.selected_block_count(prep.pooled_k.shape[1], topk)
     lut, counts = select_blocks(prep.pooled_q, prep.pooled_k, k_sel)
     fp8 = recipe.pv_dtype == "fp8"
-    for tile, warps, waves in ((32, 8, 4), (64, 8, 2))[: 2 if variants else 1]:
+    timer(f"part stats kernel topk={topk}", lambda: partial_stats(k, v, fp8_values=fp8, linear=True))
+    if variants:  # the launch shape before 2026-11-21
         timer(
-            f"part stats kernel tile {tile} w{warps} x{waves} topk={topk}",
-            lambda t=tile, w=warps, x=waves: partial_stats(
-                k, v, fp8_values=fp8, linear=True, tile=t, num_warps=w, waves=x
-            ),
+            f"part stats kernel tile 32 w8 x4 topk={topk}",
+            lambda: partial_stats(k, v, fp8_values=fp8, linear=True, tile=32, num_warps=8, waves=4),
         )
     partial = partial_stats(k, v, fp8_values=fp8, linear=True)
     timer(f"part stats finalize (k mean, v scale, KV') topk={topk}", lambda: finalize_stats(partial, proj))

@@ -6,7 +6,11 @@ once each to be profiled. Profile only the second round, e.g. with two variants:
         --section WarpStateStats --section ComputeWorkloadAnalysis \\
         python bench/attention_ncu.py --ablations hoisted_loads
 
-Prints the order of the profiled launches.
+Prints the order of the profiled launches. With --complete it runs the whole `sagesla` op (pre-pass,
+selection, kernel) twice instead, the second time inside the NVTX range "profiled":
+
+    ncu --clock-control none --nvtx --nvtx-include "profiled/" --metrics gpu__time_duration.sum,... \
+        python bench/attention_ncu.py --complete
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from comfyui_turbodiffusion.turbo_kernels import sla_reference as R  # noqa: E40
 from comfyui_turbodiffusion.turbo_kernels import sparse_attention as current  # noqa: E402
 from comfyui_turbodiffusion.turbo_kernels.block_select import select_blocks  # noqa: E402
 from comfyui_turbodiffusion.turbo_kernels.sage_prepass import sage_prepass  # noqa: E402
+from comfyui_turbodiffusion.turbo_kernels.sla_triton import sagesla_attention_triton  # noqa: E402
 
 
 def main() -> None:
@@ -37,11 +42,21 @@ def main() -> None:
     )
     parser.add_argument("--shape", default="1.3b-480p", choices=sorted(SHAPES))
     parser.add_argument("--ablations", default="")
+    parser.add_argument("--complete", action="store_true", help="the whole sagesla op (see above)")
     args = parser.parse_args()
     torch.set_grad_enabled(False)
     heads, length = SHAPES[args.shape]
     recipe = R.HOPPER_RECIPE
     q, k, v = dit_like_qkv(1, length, heads, 128, seed=3, device="cuda")
+    if args.complete:
+        proj = random_projection(128, seed=5, device="cuda")
+        sagesla_attention_triton(q, k, v, proj, 0.1, recipe)
+        torch.cuda.synchronize()
+        torch.cuda.nvtx.range_push("profiled")
+        sagesla_attention_triton(q, k, v, proj, 0.1, recipe)
+        torch.cuda.synchronize()
+        torch.cuda.nvtx.range_pop()
+        return
     out = torch.empty_like(q)
     prep = sage_prepass(q, k, v, recipe, proj_l=random_projection(128, seed=5, device="cuda"), linear_out=out)
     lut, counts = select_blocks(

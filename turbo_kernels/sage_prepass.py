@@ -41,6 +41,7 @@ from .sla_reference import LOG2E, V_FP8_MAX, SageRecipe
 
 _V_TILE = 64
 _V_PAD = 128  # L_pad multiple; also a multiple of every BLOCK_N the attention kernel uses
+TOKENS_PER_STATS_PROGRAM = 1536  # partial_stats' default work per program
 
 
 def _strides_bhl(x: torch.Tensor) -> tuple[int, int, int]:
@@ -332,17 +333,22 @@ def partial_stats(
     *,
     fp8_values: bool,
     linear: bool,
-    tile: int = 32,
-    num_warps: int = 8,
-    waves: int = 4,
+    tile: int = 16,
+    num_warps: int = 4,
+    waves: int | None = None,
 ) -> PartialStats:
-    """One read of k and v; tile / num_warps / waves (programs per multiprocessor) are tuning knobs
-    (defaults measured best on H100: 0.145 ms at 1.3B-480p, 0.98 ms at 14B-720p)."""
+    """One read of k and v; tile / num_warps / waves (programs per multiprocessor) are tuning knobs. By
+    default each program reduces about TOKENS_PER_STATS_PROGRAM tokens, rounded to whole waves: on an H200
+    (bench/prepass_configs.py, 2026-11-21) 16-token tiles and 4 warps took 0.094 ms at 1.3B-480p (2 waves)
+    and 0.68-0.70 ms at 14B-720p (12-16 waves), against 0.142 / 0.98 ms for the earlier 32 x 8 warps x 4."""
     batch, length, heads, d = k.shape
     n = batch * heads
     num_tiles = triton.cdiv(length, tile)
     sms = torch.cuda.get_device_properties(k.device).multi_processor_count if k.is_cuda else 4
-    num_splits = max(1, min(num_tiles, triton.cdiv(waves * sms, n)))
+    if waves is None:
+        waves = max(1, round(n * length / (sms * TOKENS_PER_STATS_PROGRAM)))
+    num_splits = triton.cdiv(waves * sms, n)
+    num_splits = max(1, min(num_tiles, num_splits))
     tiles_per_split = triton.cdiv(num_tiles, num_splits)
     num_splits = triton.cdiv(num_tiles, tiles_per_split)
     f32 = {"dtype": torch.float32, "device": k.device}
@@ -373,8 +379,8 @@ def partial_stats(
     return PartialStats(length, k_sum, v_max, kv, z)
 
 
-def finalize_stats(partial: PartialStats, proj_l: torch.nn.Module | None) -> SequenceStats:
-    """k̄, the FP8 V scale and KV' = (φ(K)ᵀV)·Wᵀ from the partial sums (N x D/16 programs)."""
+def finalize_stats(partial: PartialStats, proj_l: torch.nn.Module | None, rows: int = 16) -> SequenceStats:
+    """k̄, the FP8 V scale and KV' = (φ(K)ᵀV)·Wᵀ from the partial sums (N x D/rows programs)."""
     n, num_splits, d = partial.k_sum.shape
     device = partial.k_sum.device
     f32 = {"dtype": torch.float32, "device": device}
@@ -391,7 +397,6 @@ def finalize_stats(partial: PartialStats, proj_l: torch.nn.Module | None) -> Seq
         bias = torch.zeros(d, **f32) if bias is None else bias.detach().to(**f32).contiguous()
         kv_proj = torch.empty((n, d, d), dtype=torch.bfloat16, device=device)
         state = LinearState(kv_proj, torch.empty((n, d), **f32), bias)
-    rows = 16
     _finalize_stats_kernel[(n, d // rows if linear else 1)](
         partial.k_sum,
         k_mean if partial.v_max is None else partial.v_max,
@@ -423,6 +428,12 @@ def sequence_stats(
     return finalize_stats(partial, proj_l)
 
 
+def _pass_warps(blk: int, linear: bool) -> int:
+    """4 warps, also for the 128-row k pass (H200, bench/prepass_configs.py: 0.083 vs 0.086 ms with 8 at
+    1.3B-480p); 8 where 128+ rows also carry the linear branch (its fp32 tiles need the registers)."""
+    return 8 if linear and blk > 64 else 4
+
+
 def pool_and_quantise(
     x: torch.Tensor,
     blk: int,
@@ -432,6 +443,7 @@ def pool_and_quantise(
     scale_mul: float = 1.0,
     linear: LinearState | None = None,
     linear_out: torch.Tensor | None = None,
+    num_warps: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """Pooled block means float32 (N, NB, D) of x (minus `mean` (N, D) if given) and optionally INT8 x.
 
@@ -471,7 +483,7 @@ def pool_and_quantise(
         QUANT=quantise,
         LINEAR=linear is not None,
         INTERPRET=interpreting(),
-        num_warps=4 if blk <= 64 else 8,
+        num_warps=num_warps or _pass_warps(blk, linear is not None),
     )
     return pooled, (x8 if quantise else None), (scale if quantise else None)
 

@@ -68,18 +68,12 @@ PV_FP8 = tl.constexpr(2)
 class KernelConfig:
     """Launch of the attention kernel. `row_sum_mma` (FP8 P·V only): the softmax row sums come from the
     tensor cores, as P̃ times a ones matrix in the same FP8 (so the weights the output averages with sum to
-    exactly one), instead of a 64-add reduction per row and step on the CUDA cores.
-
-    `l1_prefetch` (TMA path): the program's LUT row and its head's key scales are prefetched into L1 before
-    the key loop, and the per-step key scale is read with a plain load, which Triton's pipeliner would
-    otherwise turn into an asynchronous copy that needs a CTA barrier every step."""
+    exactly one), instead of a 64-add reduction per row and step on the CUDA cores."""
 
     block_m: int
     num_warps: int
     num_stages: int
     row_sum_mma: bool = False
-    l1_prefetch: bool = False
-    tree_max: bool = False
 
 
 # Hopper: one warpgroup on a 64-row tile, 2 stages (KERNELS.md §0, §2.4: 713 TOPS dense on H100); row sums
@@ -99,41 +93,6 @@ def _operand_key_order(p, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     x = p.reshape(BLOCK_M, BLOCK_N // 16, 2, 2, 2, 2)
     x = x.permute(0, 1, 3, 4, 2, 5)
     return x.reshape(BLOCK_M, BLOCK_N)
-
-
-@triton.jit
-def _prefetch_l1(pointers):
-    """Asks L1 to fetch the lines of `pointers` (no result; the asm has side effects so it is kept)."""
-    tl.inline_asm_elementwise(
-        "prefetch.global.L1 [$1];\n\tmov.u32 $0, 0;", "=r,l", [pointers], dtype=tl.int32, is_pure=False, pack=1
-    )
-
-
-@triton.jit
-def _load_outside_pipeline(pointer):
-    """A plain fp32 global load the software pipeliner does not touch (it only rewrites tl.load)."""
-    return tl.inline_asm_elementwise(
-        "ld.global.nc.f32 $0, [$1];", "=r,l", [pointer], dtype=tl.float32, is_pure=True, pack=1
-    )
-
-
-@triton.jit
-def _halve_columns_max(x, BLOCK_M: tl.constexpr, N: tl.constexpr):
-    """Element-wise maximum of the two column halves of x ([BLOCK_M, N] -> [BLOCK_M, N // 2])."""
-    low, high = x.reshape(BLOCK_M, 2, N // 2).permute(0, 2, 1).split()
-    return tl.maximum(low, high)
-
-
-@triton.jit
-def _row_max(s, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TREE: tl.constexpr):
-    """Row maxima. TREE: three halvings first (the top column bits sit in registers of the wgmma accumulator
-    layout, so they are element-wise FMNMX on independent registers), then a reduction over BLOCK_N / 8
-    columns: a dependency chain of ~BLOCK_N / 16 instead of ~BLOCK_N / 4 FMNMX per thread."""
-    if TREE:
-        s = _halve_columns_max(s, BLOCK_M, BLOCK_N)
-        s = _halve_columns_max(s, BLOCK_M, BLOCK_N // 2)
-        s = _halve_columns_max(s, BLOCK_M, BLOCK_N // 4)
-    return tl.max(s, axis=1)
 
 
 @triton.jit
@@ -177,8 +136,6 @@ def _sparse_attention_kernel(
     USE_DESC: tl.constexpr,
     INTERPRET: tl.constexpr,
     ROW_SUM_MMA: tl.constexpr,
-    L1_PREFETCH: tl.constexpr,
-    TREE_MAX: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     n = tl.program_id(1)
@@ -223,11 +180,6 @@ def _sparse_attention_kernel(
         ones = tl.where(tl.arange(0, 16)[None, :] == 0, 1.0, 0.0) + tl.zeros([BLOCK_N, 16], tl.float32)
         ones = to_e4m3(ones, INTERPRET)
         l_tile = tl.zeros([BLOCK_M, 16], dtype=tl.float32)
-    if L1_PREFETCH:
-        # One line per thread: the LUT row (k_max int32) and the head's key scales (num_k_blocks fp32).
-        lines = tl.arange(0, 128)
-        _prefetch_l1(lut_ptr + lut_row * k_max + tl.minimum(lines * 32, k_max - 1))
-        _prefetch_l1(k_scale_ptr + n64 * num_k_blocks + tl.minimum(lines * 32, num_k_blocks - 1))
     for i in range(steps):
         if DENSE:
             kb = i
@@ -248,10 +200,7 @@ def _sparse_attention_kernel(
         # element instead of a multiply and two adds (the loop is instruction-issue-bound on Hopper).
         if QUANT:
             s = tl.dot(q, tl.trans(k)).to(tl.float32)
-            if L1_PREFETCH:
-                scale = q_scale * _load_outside_pipeline(k_scale_ptr + n64 * num_k_blocks + kb)
-            else:
-                scale = q_scale * tl.load(k_scale_ptr + n64 * num_k_blocks + kb)
+            scale = q_scale * tl.load(k_scale_ptr + n64 * num_k_blocks + kb)
         else:
             if INTERPRET:
                 k = k.to(tl.float32)
@@ -259,7 +208,7 @@ def _sparse_attention_kernel(
             scale = qk_scale
         if start + BLOCK_N > L:
             s = tl.where(keys[None, :] < L, s, float("-inf"))
-        m_new = tl.maximum(m_i, _row_max(s, BLOCK_M, BLOCK_N, TREE_MAX) * scale)
+        m_new = tl.maximum(m_i, tl.max(s, axis=1) * scale)
         p = tl.math.exp2(s * scale + (offset - m_new)[:, None])
         alpha = tl.math.exp2(m_i - m_new)
         if PV == PV_FP8:
@@ -390,8 +339,6 @@ def _launch(
         USE_DESC=use_desc,
         INTERPRET=interpreting(),
         ROW_SUM_MMA=config.row_sum_mma and pv == PV_FP8,
-        L1_PREFETCH=config.l1_prefetch and use_desc and not dense,
-        TREE_MAX=config.tree_max,
         num_warps=config.num_warps,
         num_stages=config.num_stages,
     )
