@@ -38,7 +38,7 @@ SHAPES = {"1.3b-480p": (12, 32760), "14b-720p": (40, 75600)}
 # current default (TOKENS_PER_STATS_PROGRAM tokens per program, whole waves).
 PARTIAL = [(32, 8, 4), (16, 4, None)] + [(16, 4, waves) for waves in (2, 4, 8, 12, 16)]
 FINAL_ROWS = (16, 8)
-PASS_WARPS = (4, 8, 16)
+PASS_WARPS = (4, 8)
 
 
 def flat(stats) -> list[torch.Tensor]:
@@ -83,16 +83,16 @@ def pass_sweep(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, proj) -> None:
     recipe = R.HOPPER_RECIPE
     out = torch.empty_like(q)
     prep = sage_prepass(q, k, v, recipe, proj_l=proj, linear_out=out)
+
+    def q_pass(warps: int, use_desc: bool | None = None):
+        linear = prep.stats.linear
+        return pool_and_quantise(
+            q, recipe.blkq, quantise=True, linear=linear, linear_out=out, num_warps=warps, use_desc=use_desc
+        )
+
     passes = {
-        "q pass + linear": lambda w: pool_and_quantise(
-            q,
-            recipe.blkq,
-            quantise=True,
-            linear=prep.stats.linear,
-            linear_out=out,
-            scale_mul=0.1,
-            num_warps=w,
-        ),
+        "q pass + linear": q_pass,
+        "q pass + linear, KV' by pointer loads": lambda w: q_pass(w, use_desc=False),
         "k pass": lambda w: pool_and_quantise(
             k, recipe.blkk, mean=prep.stats.k_mean, quantise=True, num_warps=w
         ),

@@ -63,6 +63,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from .descriptors import TensorDescriptor
 from .fp8_linear import E4M3
 from .fp8_quant import quantize_rows_e4m3_triton
 from .int8_gemm import _cast, int32_to_float_exact
@@ -70,11 +71,6 @@ from .interpreter import interpreting
 from .row_quant import quantize_rows
 from .row_quant_reference import AMAX_FLOOR, quantize_rows_reference
 from .w8a8_reference import TILE, dequantize_tiles, tile_grid
-
-try:
-    from triton.tools.tensor_descriptor import TensorDescriptor
-except ImportError:  # Triton without host-side tensor descriptors: pointer loads everywhere
-    TensorDescriptor = None
 
 INT8_LEVELS = 127.0
 MIN_TRITON = (3, 4)  # tl.range(flatten=...)

@@ -49,14 +49,10 @@ import torch
 import triton
 import triton.language as tl
 
+from .descriptors import TensorDescriptor, descriptors_supported
 from .interpreter import interpreting
 from .sage_prepass import SagePrepared, to_e4m3
 from .sla_reference import LOG2E
-
-try:
-    from triton.tools.tensor_descriptor import TensorDescriptor
-except ImportError:  # Triton < 3.4: pointer loads only
-    TensorDescriptor = None
 
 # P·V operand formats (the kernel's PV constexpr).
 PV_BF16 = tl.constexpr(0)
@@ -257,16 +253,6 @@ def default_config(device: torch.device) -> KernelConfig:
     if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] == 9:
         return HOPPER_CONFIG
     return GENERIC_CONFIG
-
-
-def descriptors_supported(device: torch.device) -> bool:
-    """TMA descriptors pay on Hopper; elsewhere (and in the interpreter) plain pointer loads are used."""
-    return (
-        TensorDescriptor is not None
-        and device.type == "cuda"
-        and torch.cuda.get_device_capability(device)[0] == 9
-        and not interpreting()
-    )
 
 
 def _bhl(x: torch.Tensor, heads: int) -> tuple[int, int, int]:
