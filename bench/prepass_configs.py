@@ -8,9 +8,8 @@ For each shape (DiT-like bf16 q, k, v, a random proj_l), timed in alternating ro
   `finalize_stats` (reduction over the spans, KV' = KV·Wᵀ) with every rows-per-program count. Each result
   is compared with the first configuration's (largest relative difference over k̄, the V scale, KV' (bf16)
   and Σφ(K): the span count changes the fp32 summation order only).
-* the q pass (pooling, INT8 q, the linear branch; KV' by descriptor or by pointer loads) and the k pass
-  (smoothing, pooling, INT8 k; blocks read in 64-row pieces, whole, or in 32-row pieces) with each warp
-  count (these change the fp32 summation order of the pooled means only).
+* the q pass (pooling, INT8 q, the linear branch) and the k pass (smoothing, pooling, INT8 k) with each
+  warp count (the warp count changes the fp32 summation order of the pooled means only).
 """
 
 from __future__ import annotations
@@ -96,12 +95,6 @@ def pass_sweep(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, proj) -> None:
         "q pass + linear, KV' by pointer loads": lambda w: q_pass(w, use_desc=False),
         "k pass": lambda w: pool_and_quantise(
             k, recipe.blkk, mean=prep.stats.k_mean, quantise=True, num_warps=w
-        ),
-        "k pass, whole 128-row blocks": lambda w: pool_and_quantise(
-            k, recipe.blkk, mean=prep.stats.k_mean, quantise=True, num_warps=w, chunk=recipe.blkk
-        ),
-        "k pass, 32-row pieces": lambda w: pool_and_quantise(
-            k, recipe.blkk, mean=prep.stats.k_mean, quantise=True, num_warps=w, chunk=32
         ),
     }
     for name, run in passes.items():

@@ -194,29 +194,6 @@ def _finalize_stats_kernel(
 
 
 @triton.jit
-def _centred_rows(
-    x_base, mean, row0, L, s_l, D: tl.constexpr, ROWS: tl.constexpr, SUBTRACT_MEAN: tl.constexpr
-):
-    """Rows [row0, row0 + ROWS) of one head as fp32, minus `mean` when SUBTRACT_MEAN (rows >= L read 0);
-    also returns the row mask and the int64 row offsets."""
-    rows = row0 + tl.arange(0, ROWS)
-    valid = rows[:, None] < L
-    offsets = rows[:, None].to(tl.int64)
-    x = tl.load(x_base + offsets * s_l + tl.arange(0, D)[None, :], mask=valid, other=0.0).to(tl.float32)
-    if SUBTRACT_MEAN:
-        x = tl.where(valid, x - mean[None, :], 0.0)
-    return x, valid, offsets
-
-
-@triton.jit
-def _store_int8(pointers, x, scale, valid):
-    """round_half_away(x / scale) as int8 (sla_reference.quantize_int8_blocks)."""
-    y = x / scale
-    rounded = tl.where(y >= 0, tl.floor(y + 0.5), tl.ceil(y - 0.5))
-    tl.store(pointers, rounded.to(tl.int8), mask=valid)
-
-
-@triton.jit
 def _pool_quantise_kernel(
     x_ptr,
     mean_ptr,
@@ -243,7 +220,6 @@ def _pool_quantise_kernel(
     QUANT: tl.constexpr,
     LINEAR: tl.constexpr,
     KV_DESC: tl.constexpr,
-    CHUNK: tl.constexpr,
     INTERPRET: tl.constexpr,
 ):
     blk = tl.program_id(0)
@@ -252,38 +228,22 @@ def _pool_quantise_kernel(
     b = (n // H).to(tl.int64)
     h = (n % H).to(tl.int64)
     dims = tl.arange(0, D)
-    x_base = x_ptr + b * s_b + h * s_h
-    mean = tl.load(mean_ptr + n64 * D + dims) if SUBTRACT_MEAN else tl.zeros([D], tl.float32)
+    rows = blk * BLK + tl.arange(0, BLK)
+    valid = rows[:, None] < L
+    offsets = rows[:, None].to(tl.int64)
+    x = tl.load(x_ptr + b * s_b + h * s_h + offsets * s_l + dims[None, :], mask=valid, other=0.0).to(
+        tl.float32
+    )
+    if SUBTRACT_MEAN:
+        x = tl.where(valid, x - tl.load(mean_ptr + n64 * D + dims)[None, :], 0.0)
     block = n64 * num_blocks + blk
-    count = tl.minimum(BLK, L - blk * BLK)
-    if CHUNK < BLK:
-        # The block in CHUNK-row pieces, read twice (the second time from L2): amax needs the whole block
-        # before any value can be quantised, and a whole fp32 block held 128+ registers (fewer programs per
-        # multiprocessor, 2026-11-21).
-        total = tl.zeros([D], tl.float32)
-        amax = 0.0
-        for c in tl.static_range(BLK // CHUNK):
-            x, valid, offsets = _centred_rows(
-                x_base, mean, blk * BLK + c * CHUNK, L, s_l, D, CHUNK, SUBTRACT_MEAN
-            )
-            total += tl.sum(x, axis=0)
-            amax = tl.maximum(amax, tl.max(tl.max(tl.abs(x), axis=1), axis=0))
-        tl.store(pooled_ptr + block * D + dims, total / count)
-        if QUANT:
-            scale = amax / 127.0 + 1e-7  # sla_reference.INT8_SCALE_EPS
-            for c in tl.static_range(BLK // CHUNK):
-                x, valid, offsets = _centred_rows(
-                    x_base, mean, blk * BLK + c * CHUNK, L, s_l, D, CHUNK, SUBTRACT_MEAN
-                )
-                _store_int8(x8_ptr + (n64 * L + offsets) * D + dims[None, :], x, scale, valid)
-            tl.store(scale_ptr + block, scale * scale_mul)
-    else:
-        x, valid, offsets = _centred_rows(x_base, mean, blk * BLK, L, s_l, D, BLK, SUBTRACT_MEAN)
-        tl.store(pooled_ptr + block * D + dims, tl.sum(x, axis=0) / count)
-        if QUANT:
-            scale = tl.max(tl.max(tl.abs(x), axis=1), axis=0) / 127.0 + 1e-7  # sla_reference.INT8_SCALE_EPS
-            _store_int8(x8_ptr + (n64 * L + offsets) * D + dims[None, :], x, scale, valid)
-            tl.store(scale_ptr + block, scale * scale_mul)
+    tl.store(pooled_ptr + block * D + dims, tl.sum(x, axis=0) / tl.minimum(BLK, L - blk * BLK))
+    if QUANT:
+        scale = tl.max(tl.max(tl.abs(x), axis=1), axis=0) / 127.0 + 1e-7  # sla_reference.INT8_SCALE_EPS
+        y = x / scale
+        rounded = tl.where(y >= 0, tl.floor(y + 0.5), tl.ceil(y - 0.5))
+        tl.store(x8_ptr + (n64 * L + offsets) * D + dims[None, :], rounded.to(tl.int8), mask=valid)
+        tl.store(scale_ptr + block, scale * scale_mul)
     if LINEAR:
         # After the quantisation, so that x dies into the feature map before the product; the normaliser
         # is folded into the product's left operand, φ/(φ·z + eps) = e/(e·z + eps·Σe) with e = exp(x − max),
@@ -499,14 +459,12 @@ def pool_and_quantise(
     linear_out: torch.Tensor | None = None,
     num_warps: int | None = None,
     use_desc: bool | None = None,
-    chunk: int = 64,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """Pooled block means float32 (N, NB, D) of x (minus `mean` (N, D) if given) and optionally INT8 x.
 
     Returns (pooled, x8 int8 (N, L, D) or None, scale·scale_mul float32 (N, NB) or None). With `linear`, x is
     the query (not smoothed: `mean` must be None) and proj_l(O_lin) is written into `linear_out`
-    (B, L, H, D); `use_desc` (default: on Hopper) loads KV' through a TMA descriptor. Without the linear
-    branch a block is read in `chunk`-row pieces (twice, the second time from L2).
+    (B, L, H, D); `use_desc` (default: on Hopper) loads KV' through a TMA descriptor.
     """
     batch, length, heads, d = x.shape
     n = batch * heads
@@ -547,7 +505,6 @@ def pool_and_quantise(
         QUANT=quantise,
         LINEAR=linear is not None,
         KV_DESC=kv_desc,
-        CHUNK=blk if linear is not None else min(blk, chunk),
         INTERPRET=interpreting(),
         num_warps=num_warps or _pass_warps(blk, linear is not None),
         # 168 registers let three 4-warp programs share an sm90 multiprocessor (ptxas: 172 without the cap,
