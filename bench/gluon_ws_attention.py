@@ -11,14 +11,16 @@ producer's warpgroup 24; the inner loops do not spill.
 
 Measured on an H200 (2026-11-21, bench/RESULTS.md session 7), 1.3B-480p, top-k 0.1, against the tl kernel in
 the same run: 0.848-0.868 vs 0.846 ms (no faster), rel-L2 3.2e-3 (CUDA-core row sums, two-level accumulation)
-and 1.6e-2 (one-level). Removing the barriers and the LUT latency does not speed the loop up; what is left is
+and 1.6e-2 (one-level). WS_OVERLAP=1 (FlashAttention-3's order inside each consumer, one-level accumulation)
+needs 240 registers, so WS_CONSUMERS=2: 1.202 ms (two synchronous consumers: 1.073 ms). Removing the barriers and the LUT latency does not speed the loop up; what is left is
 the synchronous Q·Kᵀ -> softmax -> P̃·V̂ chain of each warpgroup. The row sums as a ones-column product
 (WS_ROW_SUMS_MMA=1, as the tl kernel does) give wrong output here (rel-L2 ~4e3; the same value as the
 FA3-order probe of session 6, so probably that [16, 128] FP8 shared operand), not yet understood.
 
     python bench/gluon_ws_attention.py [--shapes 1.3b-480p,14b-720p] [--consumer-regs 160]   # on a Hopper GPU
 
-Environment switches (read at import): WS_ROW_SUMS_MMA (default 0), WS_TWO_LEVEL (default 1). Prints rel-L2
+Environment switches (read at import): WS_ROW_SUMS_MMA (default 0), WS_TWO_LEVEL (default 1), WS_OVERLAP
+(default 0), WS_CONSUMERS (default 3; 2 with --consumer-regs 240 for WS_OVERLAP=1). Prints rel-L2
 against the shipped kernel on the same pre-pass and LUT, registers, and both kernels' times (do_bench, median
 of alternating rounds).
 """
@@ -58,7 +60,10 @@ D = gl.constexpr(128)
 BLOCK_M = gl.constexpr(RECIPE.blkq)
 BLOCK_N = gl.constexpr(RECIPE.blkk)
 STAGES = gl.constexpr(2)
-CONSUMERS = gl.constexpr(3)
+CONSUMERS = gl.constexpr(int(os.environ.get("WS_CONSUMERS", "3")))
+# FlashAttention-3's order inside each consumer: Q·Kᵀ of block j+1 runs during the softmax of block j, P̃·V̂
+# accumulated by the tensor cores into the rescaled accumulator (one level), row sums on the CUDA cores.
+OVERLAP = gl.constexpr(os.environ.get("WS_OVERLAP", "0") == "1")
 # Experiment switches (environment, read at import): row sums on the CUDA cores from the fp32 P̃ instead of a
 # ones-column product, and P̃·V̂ accumulated by the tensor cores into the rescaled accumulator (one level).
 ROW_SUMS_MMA = gl.constexpr(os.environ.get("WS_ROW_SUMS_MMA", "0") == "1")
@@ -106,6 +111,97 @@ def _operand_key_order(p, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr):
 
 
 @gluon.jit
+def _add_block(acc, l_pv, v_scale_ptr, out_ptr, n, block, H, L, s_ob, s_oh, s_ol, pv_layout: gl.constexpr):
+    """out[block rows] += acc / l · s_v (bf16), rows >= L masked."""
+    dims = gl.arange(0, D, layout=gl.SliceLayout(0, pv_layout))
+    out = acc / gl.expand_dims(gl.where(l_pv > 0, l_pv, 1.0), 1)
+    out = out * gl.expand_dims(gl.load(v_scale_ptr + n * D + dims), 0)
+    rows = block * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, pv_layout))
+    ptrs = (
+        out_ptr
+        + (n // H).to(gl.int64) * s_ob
+        + (n % H) * s_oh
+        + gl.expand_dims(rows.to(gl.int64) * s_ol, 1)
+        + gl.expand_dims(dims, 0)
+    )
+    valid = gl.expand_dims(rows < L, 1)
+    previous = gl.load(ptrs, mask=valid, other=0.0)
+    gl.store(ptrs, (out + previous.to(gl.float32)).to(gl.bfloat16), mask=valid)
+
+
+@gluon.jit
+def _block_softmax(s_int, m_prev, kb, scale, cols, L):
+    """P̃ = 2^(s·scale − m + 8.807) of one key block (fp32; keys >= L masked), the new row max, the rescale."""
+    s = s_int.to(gl.float32)
+    if kb * BLOCK_N + BLOCK_N > L:
+        s = gl.where(gl.expand_dims(kb * BLOCK_N + cols < L, 0), s, float("-inf"))
+    m_new = gl.maximum(m_prev, gl.max(s, axis=1) * scale)
+    p = gl.exp2(s * scale + gl.expand_dims(FP8_P_OFFSET - m_new, 1))
+    return p, m_new, gl.exp2(m_prev - m_new)
+
+
+@gluon.jit
+def _consumer_overlapped(
+    c, q_smem, k_ring, v_ring, q_bar, ready, empty, ones_smem, q_scale_ptr, k_scale_ptr, v_scale_ptr,
+    lut_ptr, count_ptr, out_ptr, n, first_block, H, L, num_q_blocks, num_k_blocks, k_max, s_ob, s_oh, s_ol,
+):  # fmt: skip
+    """One 64-row query block in FlashAttention-3's order: Q·Kᵀ of block j+1 is issued before the softmax of
+    block j and waited after it (after the last block it is issued on the current tile and thrown away, so
+    that every wait retires a known group)."""
+    qk_layout: gl.constexpr = gl.NVMMADistributedLayout(
+        version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_N, 32]
+    )
+    pv_layout: gl.constexpr = gl.NVMMADistributedLayout(
+        version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, D, 32]
+    )
+    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=pv_layout, k_width=4)
+    row_qk: gl.constexpr = gl.SliceLayout(1, qk_layout)
+    row_pv: gl.constexpr = gl.SliceLayout(1, pv_layout)
+
+    block = first_block + c
+    if block < num_q_blocks:
+        lut_row = n * num_q_blocks + block
+        steps = gl.load(count_ptr + lut_row)
+        q_scale = gl.load(q_scale_ptr + lut_row)
+        cols = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, qk_layout))
+        m_i = gl.full([BLOCK_M], float("-inf"), gl.float32, layout=row_qk)
+        l_i = gl.zeros([BLOCK_M], gl.float32, layout=row_qk)
+        acc = gl.zeros([BLOCK_M, D], gl.float32, layout=pv_layout)
+        zero_s = gl.zeros([BLOCK_M, BLOCK_N], gl.int32, layout=qk_layout)
+        mbarrier.wait(q_bar.index(c), phase=0)
+        q_tile = q_smem.index(c)
+        if steps > 0:
+            mbarrier.wait(ready.index(c * STAGES), phase=0)
+            s_tok = warpgroup_mma(
+                q_tile, k_ring.index(c * STAGES).permute((1, 0)), zero_s, use_acc=False, is_async=True
+            )
+            s_int = warpgroup_mma_wait(num_outstanding=0, deps=(s_tok,))
+            for j in range(steps):
+                slot = c * STAGES + j % STAGES
+                following = slot
+                if j + 1 < steps:
+                    following = c * STAGES + (j + 1) % STAGES
+                    mbarrier.wait(ready.index(following), phase=((j + 1) // STAGES) & 1)
+                s_tok = warpgroup_mma(
+                    q_tile, k_ring.index(following).permute((1, 0)), zero_s, use_acc=False, is_async=True
+                )
+                kb = gl.load(lut_ptr + lut_row * k_max + j)
+                scale = q_scale * gl.load(k_scale_ptr + n * num_k_blocks + kb)
+                p, m_i, alpha = _block_softmax(s_int, m_i, kb, scale, cols, L)
+                l_i = l_i * alpha + gl.sum(p, axis=1)
+                p8 = gl.convert_layout(_operand_key_order(p.to(gl.float8e4nv), BLOCK_M, BLOCK_N), p_layout)
+                acc = acc * gl.expand_dims(gl.convert_layout(alpha, row_pv), 1)
+                o_tok = warpgroup_mma(
+                    p8, v_ring.index(slot).permute((1, 0)), acc, use_acc=True, is_async=True
+                )
+                s_int = warpgroup_mma_wait(num_outstanding=1, deps=(s_tok,))  # P̃·V̂ of block j may still run
+                acc = warpgroup_mma_wait(num_outstanding=0, deps=(o_tok,))
+                mbarrier.arrive(empty.index(slot))
+        l_pv = gl.convert_layout(l_i, row_pv)
+        _add_block(acc, l_pv, v_scale_ptr, out_ptr, n, block, H, L, s_ob, s_oh, s_ol, pv_layout)
+
+
+@gluon.jit
 def _consumer(
     c, q_smem, k_ring, v_ring, q_bar, ready, empty, ones_smem, q_scale_ptr, k_scale_ptr, v_scale_ptr,
     lut_ptr, count_ptr, out_ptr, n, first_block, H, L, num_q_blocks, num_k_blocks, k_max, s_ob, s_oh, s_ol,
@@ -125,7 +221,6 @@ def _consumer(
     row_qk: gl.constexpr = gl.SliceLayout(1, qk_layout)
     col_qk: gl.constexpr = gl.SliceLayout(0, qk_layout)
     row_pv: gl.constexpr = gl.SliceLayout(1, pv_layout)
-    col_pv: gl.constexpr = gl.SliceLayout(0, pv_layout)
     row_sum: gl.constexpr = gl.SliceLayout(1, sum_layout)
 
     block = first_block + c
@@ -198,22 +293,10 @@ def _consumer(
             l_pv = gl.convert_layout(gl.sum(l_tile, axis=1), row_pv)
         else:
             l_pv = gl.convert_layout(l_i, row_pv)
-        dims = gl.arange(0, D, layout=col_pv)
-        out = acc / gl.expand_dims(gl.where(l_pv > 0, l_pv, 1.0), 1)
-        out = out * gl.expand_dims(gl.load(v_scale_ptr + n * D + dims), 0)
-        rows = block * BLOCK_M + gl.arange(0, BLOCK_M, layout=row_pv)
-        b = n // H
-        h = n % H
-        ptrs = (
-            out_ptr
-            + b.to(gl.int64) * s_ob
-            + h * s_oh
-            + gl.expand_dims(rows.to(gl.int64) * s_ol, 1)
-            + gl.expand_dims(dims, 0)
-        )
-        valid = gl.expand_dims(rows < L, 1)
-        previous = gl.load(ptrs, mask=valid, other=0.0)
-        gl.store(ptrs, (out + previous.to(gl.float32)).to(gl.bfloat16), mask=valid)
+        _add_block(acc, l_pv, v_scale_ptr, out_ptr, n, block, H, L, s_ob, s_oh, s_ol, pv_layout)
+
+
+CONSUMER = _consumer_overlapped if OVERLAP else _consumer
 
 
 @gluon.jit
@@ -256,16 +339,23 @@ def _ws_sparse_kernel(
               k_max, s_ob, s_oh, s_ol)  # fmt: skip
     producer = (q_desc, k_desc, v_desc, q_smem, k_ring, v_ring, q_bar, ready, empty, lut_ptr, count_ptr, n,
                 first_block, num_q_blocks, k_max, L)  # fmt: skip
-    gl.warp_specialize(
-        [
-            (_consumer, (0,) + common),
-            (_consumer, (1,) + common),
-            (_consumer, (2,) + common),
-            (_producer, producer),
-        ],
-        [4, 4, 1],
-        [CONSUMER_REGS, CONSUMER_REGS, PRODUCER_REGS],
-    )
+    if CONSUMERS == 3:
+        gl.warp_specialize(
+            [
+                (CONSUMER, (0,) + common),
+                (CONSUMER, (1,) + common),
+                (CONSUMER, (2,) + common),
+                (_producer, producer),
+            ],
+            [4, 4, 1],
+            [CONSUMER_REGS, CONSUMER_REGS, PRODUCER_REGS],
+        )
+    else:
+        gl.warp_specialize(
+            [(CONSUMER, (0,) + common), (CONSUMER, (1,) + common), (_producer, producer)],
+            [4, 1],
+            [CONSUMER_REGS, PRODUCER_REGS],
+        )
 
 
 def ws_sparse_attention(prep, out, lut, counts, consumer_regs: int = 160, producer_regs: int = 24):
