@@ -12,10 +12,11 @@ producer's warpgroup 24; the inner loops do not spill.
 Measured on an H200 (2026-11-21, bench/RESULTS.md session 7), 1.3B-480p, top-k 0.1, against the tl kernel in
 the same run: 0.848-0.868 vs 0.846 ms (no faster), rel-L2 3.2e-3 (CUDA-core row sums, two-level accumulation)
 and 1.6e-2 (one-level). WS_OVERLAP=1 (FlashAttention-3's order inside each consumer, one-level accumulation)
-needs 240 registers, so WS_CONSUMERS=2: 1.202 ms (two synchronous consumers: 1.073 ms). Removing the barriers and the LUT latency does not speed the loop up; what is left is
-the synchronous Q·Kᵀ -> softmax -> P̃·V̂ chain of each warpgroup. The row sums as a ones-column product
-(WS_ROW_SUMS_MMA=1, as the tl kernel does) give wrong output here (rel-L2 ~4e3; the same value as the
-FA3-order probe of session 6, so probably that [16, 128] FP8 shared operand), not yet understood.
+needs 240 registers, so WS_CONSUMERS=2: 1.202 ms (two synchronous consumers: 1.073 ms). Removing the
+barriers and the LUT latency does not speed the loop up; what is left is the synchronous
+Q·Kᵀ -> softmax -> P̃·V̂ chain of each warpgroup. The row sums as a ones-column product (WS_ROW_SUMS_MMA=1,
+as the tl kernel does) give wrong output here (rel-L2 ~4e3; the same value as the FA3-order probe of
+session 6, so probably that [16, 128] FP8 shared operand), not yet understood.
 
     python bench/gluon_ws_attention.py [--shapes 1.3b-480p,14b-720p] [--consumer-regs 160]   # on a Hopper GPU
 
