@@ -65,6 +65,22 @@ CONSUMERS = gl.constexpr(int(os.environ.get("WS_CONSUMERS", "3")))
 # FlashAttention-3's order inside each consumer: Q·Kᵀ of block j+1 runs during the softmax of block j, P̃·V̂
 # accumulated by the tensor cores into the rescaled accumulator (one level), row sums on the CUDA cores.
 OVERLAP = gl.constexpr(os.environ.get("WS_OVERLAP", "0") == "1")
+# Register layouts of one consumer warpgroup: the Q·Kᵀ, P̃·V̂ and row-sum accumulators and the P̃ operands.
+QK_LAYOUT = gl.constexpr(
+    gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, 128, 32])
+)
+PV_LAYOUT = gl.constexpr(
+    gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, 128, 32])
+)
+SUM_LAYOUT = gl.constexpr(
+    gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, 16, 32])
+)
+P_LAYOUT = gl.constexpr(gl.DotOperandLayout(operand_index=0, parent=PV_LAYOUT.value, k_width=4))
+P_SUM_LAYOUT = gl.constexpr(gl.DotOperandLayout(operand_index=0, parent=SUM_LAYOUT.value, k_width=4))
+ROW_QK = gl.constexpr(gl.SliceLayout(1, QK_LAYOUT.value))
+COL_QK = gl.constexpr(gl.SliceLayout(0, QK_LAYOUT.value))
+ROW_PV = gl.constexpr(gl.SliceLayout(1, PV_LAYOUT.value))
+ROW_SUM = gl.constexpr(gl.SliceLayout(1, SUM_LAYOUT.value))
 # Experiment switches (environment, read at import): row sums on the CUDA cores from the fp32 P̃ instead of a
 # ones-column product, and P̃·V̂ accumulated by the tensor cores into the rescaled accumulator (one level).
 ROW_SUMS_MMA = gl.constexpr(os.environ.get("WS_ROW_SUMS_MMA", "0") == "1")
@@ -112,12 +128,12 @@ def _operand_key_order(p, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr):
 
 
 @gluon.jit
-def _add_block(acc, l_pv, v_scale_ptr, out_ptr, n, block, H, L, s_ob, s_oh, s_ol, pv_layout: gl.constexpr):
+def _add_block(acc, l_pv, v_scale_ptr, out_ptr, n, block, H, L, s_ob, s_oh, s_ol):
     """out[block rows] += acc / l · s_v (bf16), rows >= L masked."""
-    dims = gl.arange(0, D, layout=gl.SliceLayout(0, pv_layout))
+    dims = gl.arange(0, D, layout=gl.SliceLayout(0, PV_LAYOUT))
     out = acc / gl.expand_dims(gl.where(l_pv > 0, l_pv, 1.0), 1)
     out = out * gl.expand_dims(gl.load(v_scale_ptr + n * D + dims), 0)
-    rows = block * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, pv_layout))
+    rows = block * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, PV_LAYOUT))
     ptrs = (
         out_ptr
         + (n // H).to(gl.int64) * s_ob
@@ -149,26 +165,17 @@ def _consumer_overlapped(
     """One 64-row query block in FlashAttention-3's order: Q·Kᵀ of block j+1 is issued before the softmax of
     block j and waited after it (after the last block it is issued on the current tile and thrown away, so
     that every wait retires a known group)."""
-    qk_layout: gl.constexpr = gl.NVMMADistributedLayout(
-        version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_N, 32]
-    )
-    pv_layout: gl.constexpr = gl.NVMMADistributedLayout(
-        version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, D, 32]
-    )
-    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=pv_layout, k_width=4)
-    row_qk: gl.constexpr = gl.SliceLayout(1, qk_layout)
-    row_pv: gl.constexpr = gl.SliceLayout(1, pv_layout)
 
     block = first_block + c
     if block < num_q_blocks:
         lut_row = n * num_q_blocks + block
         steps = gl.load(count_ptr + lut_row)
         q_scale = gl.load(q_scale_ptr + lut_row)
-        cols = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, qk_layout))
-        m_i = gl.full([BLOCK_M], float("-inf"), gl.float32, layout=row_qk)
-        l_i = gl.zeros([BLOCK_M], gl.float32, layout=row_qk)
-        acc = gl.zeros([BLOCK_M, D], gl.float32, layout=pv_layout)
-        zero_s = gl.zeros([BLOCK_M, BLOCK_N], gl.int32, layout=qk_layout)
+        cols = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, QK_LAYOUT))
+        m_i = gl.full([BLOCK_M], float("-inf"), gl.float32, layout=ROW_QK)
+        l_i = gl.zeros([BLOCK_M], gl.float32, layout=ROW_QK)
+        acc = gl.zeros([BLOCK_M, D], gl.float32, layout=PV_LAYOUT)
+        zero_s = gl.zeros([BLOCK_M, BLOCK_N], gl.int32, layout=QK_LAYOUT)
         mbarrier.wait(q_bar.index(c), phase=0)
         q_tile = q_smem.index(c)
         if steps > 0:
@@ -190,16 +197,16 @@ def _consumer_overlapped(
                 scale = q_scale * gl.load(k_scale_ptr + n * num_k_blocks + kb)
                 p, m_i, alpha = _block_softmax(s_int, m_i, kb, scale, cols, L)
                 l_i = l_i * alpha + gl.sum(p, axis=1)
-                p8 = gl.convert_layout(_operand_key_order(p.to(gl.float8e4nv), BLOCK_M, BLOCK_N), p_layout)
-                acc = acc * gl.expand_dims(gl.convert_layout(alpha, row_pv), 1)
+                p8 = gl.convert_layout(_operand_key_order(p.to(gl.float8e4nv), BLOCK_M, BLOCK_N), P_LAYOUT)
+                acc = acc * gl.expand_dims(gl.convert_layout(alpha, ROW_PV), 1)
                 o_tok = warpgroup_mma(
                     p8, v_ring.index(slot).permute((1, 0)), acc, use_acc=True, is_async=True
                 )
                 s_int = warpgroup_mma_wait(num_outstanding=1, deps=(s_tok,))  # P̃·V̂ of block j may still run
                 acc = warpgroup_mma_wait(num_outstanding=0, deps=(o_tok,))
                 mbarrier.arrive(empty.index(slot))
-        l_pv = gl.convert_layout(l_i, row_pv)
-        _add_block(acc, l_pv, v_scale_ptr, out_ptr, n, block, H, L, s_ob, s_oh, s_ol, pv_layout)
+        l_pv = gl.convert_layout(l_i, ROW_PV)
+        _add_block(acc, l_pv, v_scale_ptr, out_ptr, n, block, H, L, s_ob, s_oh, s_ol)
 
 
 @gluon.jit
@@ -208,33 +215,18 @@ def _consumer(
     lut_ptr, count_ptr, out_ptr, n, first_block, H, L, num_q_blocks, num_k_blocks, k_max, s_ob, s_oh, s_ol,
 ):  # fmt: skip
     """One 64-row query block: the tl kernel's loop, reading its tiles from the producer's ring."""
-    qk_layout: gl.constexpr = gl.NVMMADistributedLayout(
-        version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_N, 32]
-    )
-    pv_layout: gl.constexpr = gl.NVMMADistributedLayout(
-        version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, D, 32]
-    )
-    sum_layout: gl.constexpr = gl.NVMMADistributedLayout(
-        version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, 16, 32]
-    )
-    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=pv_layout, k_width=4)
-    p_sum_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=sum_layout, k_width=4)
-    row_qk: gl.constexpr = gl.SliceLayout(1, qk_layout)
-    col_qk: gl.constexpr = gl.SliceLayout(0, qk_layout)
-    row_pv: gl.constexpr = gl.SliceLayout(1, pv_layout)
-    row_sum: gl.constexpr = gl.SliceLayout(1, sum_layout)
 
     block = first_block + c
     if block < num_q_blocks:
         lut_row = n * num_q_blocks + block
         steps = gl.load(count_ptr + lut_row)
         q_scale = gl.load(q_scale_ptr + lut_row)
-        cols = gl.arange(0, BLOCK_N, layout=col_qk)
-        m_i = gl.full([BLOCK_M], float("-inf"), gl.float32, layout=row_qk)
-        acc = gl.zeros([BLOCK_M, D], gl.float32, layout=pv_layout)
-        l_tile = gl.zeros([BLOCK_M, 16], gl.float32, layout=sum_layout)
-        l_i = gl.zeros([BLOCK_M], gl.float32, layout=row_qk)
-        zero_s = gl.zeros([BLOCK_M, BLOCK_N], gl.int32, layout=qk_layout)
+        cols = gl.arange(0, BLOCK_N, layout=COL_QK)
+        m_i = gl.full([BLOCK_M], float("-inf"), gl.float32, layout=ROW_QK)
+        acc = gl.zeros([BLOCK_M, D], gl.float32, layout=PV_LAYOUT)
+        l_tile = gl.zeros([BLOCK_M, 16], gl.float32, layout=SUM_LAYOUT)
+        l_i = gl.zeros([BLOCK_M], gl.float32, layout=ROW_QK)
+        zero_s = gl.zeros([BLOCK_M, BLOCK_N], gl.int32, layout=QK_LAYOUT)
         mbarrier.wait(q_bar.index(c), phase=0)
         q_tile = q_smem.index(c)
         for i in range(steps):
@@ -253,20 +245,20 @@ def _consumer(
             alpha = gl.exp2(m_i - m_new)
             m_i = m_new
             p8 = _operand_key_order(p.to(gl.float8e4nv), BLOCK_M, BLOCK_N)
-            alpha_pv = gl.expand_dims(gl.convert_layout(alpha, row_pv), 1)
+            alpha_pv = gl.expand_dims(gl.convert_layout(alpha, ROW_PV), 1)
             if not ROW_SUMS_MMA:
                 l_i = l_i * alpha + gl.sum(p, axis=1)
             if TWO_LEVEL:
                 o_tok = warpgroup_mma(
-                    gl.convert_layout(p8, p_layout),
+                    gl.convert_layout(p8, P_LAYOUT),
                     v_ring.index(slot).permute((1, 0)),
-                    gl.zeros([BLOCK_M, D], gl.float32, layout=pv_layout),
+                    gl.zeros([BLOCK_M, D], gl.float32, layout=PV_LAYOUT),
                     use_acc=False,
                     is_async=True,
                 )
             else:
                 o_tok = warpgroup_mma(
-                    gl.convert_layout(p8, p_layout),
+                    gl.convert_layout(p8, P_LAYOUT),
                     v_ring.index(slot).permute((1, 0)),
                     acc * alpha_pv,
                     use_acc=True,
@@ -274,14 +266,14 @@ def _consumer(
                 )
             if ROW_SUMS_MMA:
                 l_tok = warpgroup_mma(
-                    gl.convert_layout(p8, p_sum_layout),
+                    gl.convert_layout(p8, P_SUM_LAYOUT),
                     ones_smem.permute((1, 0)),
-                    gl.zeros([BLOCK_M, 16], gl.float32, layout=sum_layout),
+                    gl.zeros([BLOCK_M, 16], gl.float32, layout=SUM_LAYOUT),
                     use_acc=False,
                     is_async=True,
                 )
                 o, l_part = warpgroup_mma_wait(num_outstanding=0, deps=(o_tok, l_tok))
-                l_tile = l_tile * gl.expand_dims(gl.convert_layout(alpha, row_sum), 1) + l_part
+                l_tile = l_tile * gl.expand_dims(gl.convert_layout(alpha, ROW_SUM), 1) + l_part
             else:
                 o = warpgroup_mma_wait(num_outstanding=0, deps=(o_tok,))
             mbarrier.arrive(empty.index(slot))  # the products have read the slot
@@ -291,10 +283,10 @@ def _consumer(
                 acc = o
 
         if ROW_SUMS_MMA:
-            l_pv = gl.convert_layout(gl.sum(l_tile, axis=1), row_pv)
+            l_pv = gl.convert_layout(gl.sum(l_tile, axis=1), ROW_PV)
         else:
-            l_pv = gl.convert_layout(l_i, row_pv)
-        _add_block(acc, l_pv, v_scale_ptr, out_ptr, n, block, H, L, s_ob, s_oh, s_ol, pv_layout)
+            l_pv = gl.convert_layout(l_i, ROW_PV)
+        _add_block(acc, l_pv, v_scale_ptr, out_ptr, n, block, H, L, s_ob, s_oh, s_ol)
 
 
 CONSUMER = _consumer_overlapped if OVERLAP else _consumer
