@@ -248,7 +248,7 @@ def _pool_quantise_kernel(
         # After the quantisation, so that x dies into the feature map before the product; the normaliser
         # is folded into the product's left operand, φ/(φ·z + eps) = e/(e·z + eps·Σe) with e = exp(x − max),
         # so that no fp32 tile outlives the operand; with KV_DESC the KV' tile goes by TMA straight into
-        # shared memory instead of through 64 registers (sm90: 250 -> 172 registers).
+        # shared memory instead of through 64 registers (sm90: 250 -> 172 registers, capped at 168 below).
         # One program per block re-reads KV' (32 KB, L2-resident); looping over 4 blocks per program to
         # reuse it was 2.5x slower on H100 (2026-11-21).
         e = tl.exp(x - tl.max(x, axis=1)[:, None])
