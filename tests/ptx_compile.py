@@ -56,3 +56,15 @@ def persistent_gemm_constexprs(config) -> dict:
         "FLATTEN": config.flatten,
         "SPLIT_EPILOGUE": config.split_epilogue,
     }
+
+
+def persistent_gemm_signature(operands: dict, constexprs: dict) -> dict:
+    """The argument types of the persistent GEMM kernels (`rowwise_gemm`): the operands a, b, out as given,
+    fp32 scale pointers, a bf16 bias pointer, i32 M, N, K, then every name of `constexprs` as a constexpr."""
+    return {
+        **operands,
+        **dict.fromkeys(("a_scale_ptr", "b_scale_ptr"), "*fp32"),
+        "bias_ptr": "*bf16",
+        **dict.fromkeys(("M", "N", "K"), "i32"),
+        **dict.fromkeys(constexprs, "constexpr"),
+    }

@@ -9,26 +9,18 @@ import re
 
 import torch
 from comfyui_turbodiffusion.turbo_kernels import row_quant, rowwise_gemm
-from ptx_compile import compile_for, divisible_by_16, persistent_gemm_constexprs, ptxas_usage
+from ptx_compile import (
+    compile_for,
+    divisible_by_16,
+    persistent_gemm_constexprs,
+    persistent_gemm_signature,
+    ptxas_usage,
+)
 from triton.compiler import ASTSource
 
 # (capability, architecture family, operand types): fp8 needs sm89+.
 TARGETS = ((80, "ampere", ("i8",)), (89, "consumer", ("i8", "fp8e4nv")), (90, "hopper", ("i8", "fp8e4nv")))
 TORCH_DTYPES = {"i8": torch.int8, "fp8e4nv": torch.float8_e4m3fn}
-FLAGS = (
-    "HAS_BIAS",
-    "GELU",
-    "INTEGER",
-    "DESCRIPTORS",
-    "EVEN_K",
-    "BLOCK_M",
-    "BLOCK_N",
-    "BLOCK_K",
-    "GROUP_M",
-    "FLATTEN",
-    "SPLIT_EPILOGUE",
-    "SOFTWARE_BF16",
-)
 
 
 def operand_types(code: str, config: rowwise_gemm.RowwiseGemmConfig) -> dict[str, str]:
@@ -44,13 +36,6 @@ def operand_types(code: str, config: rowwise_gemm.RowwiseGemmConfig) -> dict[str
 
 def gemm_report(capability: int, family: str, code: str, gelu: bool) -> dict:
     config = rowwise_gemm.DEFAULT_CONFIGS[family][TORCH_DTYPES[code]]
-    signature = {
-        **operand_types(code, config),
-        **dict.fromkeys(("a_scale_ptr", "b_scale_ptr"), "*fp32"),
-        "bias_ptr": "*bf16",
-        **dict.fromkeys(("M", "N", "K"), "i32"),
-        **dict.fromkeys(FLAGS, "constexpr"),
-    }
     constexprs = {
         "HAS_BIAS": True,
         "GELU": gelu,
@@ -60,6 +45,7 @@ def gemm_report(capability: int, family: str, code: str, gelu: bool) -> dict:
         **persistent_gemm_constexprs(config),
         "SOFTWARE_BF16": False,
     }
+    signature = persistent_gemm_signature(operand_types(code, config), constexprs)
     source = ASTSource(rowwise_gemm._rowwise_gemm_kernel, signature, constexprs, divisible_by_16(signature))
     kernel = compile_for(source, capability, {"num_warps": config.num_warps, "num_stages": config.num_stages})
     ptx = kernel.asm["ptx"]

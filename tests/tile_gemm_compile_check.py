@@ -10,23 +10,15 @@ import sys
 from dataclasses import replace
 
 from comfyui_turbodiffusion.turbo_kernels import rowwise_gemm
-from ptx_compile import compile_for, divisible_by_16, persistent_gemm_constexprs, ptxas_usage
+from ptx_compile import (
+    compile_for,
+    divisible_by_16,
+    persistent_gemm_constexprs,
+    persistent_gemm_signature,
+    ptxas_usage,
+)
 from triton.compiler import ASTSource
 
-FLAGS = (
-    "HAS_BIAS",
-    "BIT_CONVERT",
-    "OUT_DTYPE",
-    "DESCRIPTORS",
-    "EVEN_K",
-    "BLOCK_M",
-    "BLOCK_N",
-    "BLOCK_K",
-    "GROUP_M",
-    "FLATTEN",
-    "SPLIT_EPILOGUE",
-    "SOFTWARE_BF16",
-)
 DEFAULT = rowwise_gemm.TILE_SCALED_CONFIGS["hopper"]
 # Launches to compile: the Hopper default and three of the bench sweep's candidates.
 CONFIGS = {
@@ -39,15 +31,6 @@ CONFIGS = {
 
 def report(config: rowwise_gemm.RowwiseGemmConfig, with_bias: bool) -> dict:
     store_n = config.block_n // 2 if config.split_epilogue else config.block_n
-    signature = {
-        "a": f"tensordesc<i8[{config.block_m}, {config.block_k}]>",
-        "b": f"tensordesc<i8[{config.block_n}, {config.block_k}]>",
-        "out": f"tensordesc<bf16[{config.block_m}, {store_n}]>",
-        **dict.fromkeys(("a_scale_ptr", "b_scale_ptr"), "*fp32"),
-        "bias_ptr": "*bf16",
-        **dict.fromkeys(("M", "N", "K"), "i32"),
-        **dict.fromkeys(FLAGS, "constexpr"),
-    }
     constexprs = {
         "HAS_BIAS": with_bias,
         "BIT_CONVERT": config.bit_convert,
@@ -57,6 +40,12 @@ def report(config: rowwise_gemm.RowwiseGemmConfig, with_bias: bool) -> dict:
         **persistent_gemm_constexprs(config),
         "SOFTWARE_BF16": False,
     }
+    operands = {
+        "a": f"tensordesc<i8[{config.block_m}, {config.block_k}]>",
+        "b": f"tensordesc<i8[{config.block_n}, {config.block_k}]>",
+        "out": f"tensordesc<bf16[{config.block_m}, {store_n}]>",
+    }
+    signature = persistent_gemm_signature(operands, constexprs)
     source = ASTSource(
         rowwise_gemm._tile_scaled_gemm_kernel, signature, constexprs, divisible_by_16(signature)
     )
