@@ -43,7 +43,8 @@ from comfyui_turbodiffusion.turbo_kernels import sparse_attention as current  # 
 from comfyui_turbodiffusion.turbo_kernels.block_select import select_blocks  # noqa: E402
 from comfyui_turbodiffusion.turbo_kernels.sage_prepass import sage_prepass  # noqa: E402
 
-SHAPES = {"1.3b-480p": (12, 32760), "14b-720p": (40, 75600)}  # heads, tokens; B = 1, D = 128
+# Issue 5's shapes (also used by the other attention benches): heads, tokens; B = 1, D = 128.
+SHAPES = {"1.3b-480p": (12, 32760), "14b-720p": (40, 75600)}
 KERNEL_FILE = "turbo_kernels/sparse_attention.py"
 ROUNDS = 3
 

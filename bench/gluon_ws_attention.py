@@ -37,6 +37,7 @@ import sys
 import torch
 import triton
 from _checkout import ROOT, alias_checkout_as_package
+from attention_ab import SHAPES  # issue 5's two shapes
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import (
@@ -53,7 +54,6 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from comfyui_turbodiffusion.turbo_kernels import sla_reference as R  # noqa: E402
 
-SHAPES = {"1.3b-480p": (12, 32760), "14b-720p": (40, 75600)}
 FP8_P_OFFSET = gl.constexpr(R.FP8_P_OFFSET)
 RECIPE = R.HOPPER_RECIPE  # 64-row query blocks, 128-key key blocks, FP8 P·V
 # Fixed here (a warp_specialize partition receives its arguments as values, not as constexprs).

@@ -19,6 +19,7 @@ import sys
 
 import torch
 from _checkout import ROOT, alias_checkout_as_package
+from attention_ab import SHAPES  # issue 5's two shapes
 from triton.testing import do_bench
 
 alias_checkout_as_package()
@@ -33,7 +34,6 @@ from comfyui_turbodiffusion.turbo_kernels.sage_prepass import (  # noqa: E402
     sage_prepass,
 )
 
-SHAPES = {"1.3b-480p": (12, 32760), "14b-720p": (40, 75600)}
 # (tile, warps, programs per multiprocessor): the first is the launch shape before 2026-11-21, None the
 # current default (TOKENS_PER_STATS_PROGRAM tokens per program, whole waves).
 PARTIAL = [(32, 8, 4), (16, 4, None)] + [(16, 4, waves) for waves in (2, 4, 8, 12, 16)]

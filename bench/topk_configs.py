@@ -14,6 +14,7 @@ import sys
 
 import torch
 from _checkout import ROOT, alias_checkout_as_package
+from attention_ab import SHAPES  # issue 5's two shapes
 from triton.testing import do_bench
 
 alias_checkout_as_package()
@@ -24,7 +25,6 @@ from comfyui_turbodiffusion.turbo_kernels import sla_reference as R  # noqa: E40
 from comfyui_turbodiffusion.turbo_kernels.block_select import block_scores, top_k_lut  # noqa: E402
 from comfyui_turbodiffusion.turbo_kernels.sage_prepass import sage_prepass  # noqa: E402
 
-SHAPES = {"1.3b-480p": (12, 32760), "14b-720p": (40, 75600)}
 CONFIGS = [(8, 8), (1, 1), (2, 1), (4, 1), (1, 2), (1, 4), (2, 2)]  # (rows per program, warps)
 
 
