@@ -112,3 +112,15 @@ def test_kernel_failure_on_first_call_falls_back_once(caplog, monkeypatch):
 def test_bad_arguments_raise_clear_errors(name, topk):
     with pytest.raises(ValueError, match="attention backend|sla_topk"):
         make_self_attention(name, topk)
+
+
+def test_query_pass_rejects_inconsistent_linear_branch_arguments():
+    """Checked before any kernel launch, so this runs without Triton's interpreter."""
+    from comfyui_turbodiffusion.turbo_kernels.sage_prepass import LinearState, pool_and_quantise
+
+    q = torch.zeros(1, 64, 2, 32, dtype=torch.bfloat16)
+    state = LinearState(torch.zeros(2, 32, 32, dtype=torch.bfloat16), torch.zeros(2, 32), torch.zeros(32))
+    with pytest.raises(ValueError, match="needs `linear_out`"):
+        pool_and_quantise(q, 64, linear=state)
+    with pytest.raises(ValueError, match="unsmoothed query; pass no `mean`"):
+        pool_and_quantise(q, 64, linear=state, linear_out=torch.empty_like(q), mean=torch.zeros(2, 32))
